@@ -1,0 +1,25 @@
+"""nc_jax: guiding neural collapse towards the nearest simplex ETF, in JAX.
+
+Core API:
+
+* :func:`nearest_etf` — exact nearest-ETF solver (closed form or Riemannian
+  gradient descent) with an implicit-differentiation VJP.
+* :func:`normalise_means` — class means to solver input (centre, normalise).
+* :mod:`nc_jax.geometry`, :mod:`nc_jax.stiefel` — ETF and Stiefel geometry.
+* :mod:`nc_jax.class_means` — the paper's moving average of class means.
+* :mod:`nc_jax.metrics` — neural-collapse metrics, in memory and streaming.
+"""
+
+from nc_jax import geometry, stiefel
+from nc_jax.geometry import (centring_matrix, etf_distance, nearest_etf_closed_form, random_etf,
+                             simplex_etf)
+from nc_jax.solver import (SolverInfo, feasibility_solution, nearest_etf, normalise_means,
+                                polar_vjp)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SolverInfo", "centring_matrix", "etf_distance", "feasibility_solution", "geometry",
+    "nearest_etf", "nearest_etf_closed_form", "normalise_means", "polar_vjp", "random_etf",
+    "simplex_etf", "stiefel",
+]
