@@ -22,5 +22,3 @@ import jax  # noqa: E402
 jax.config.update("jax_enable_x64", True)
 
 
-def pytest_configure(config):
-  config.addinivalue_line("markers", "slow: a longer test (large sizes); still run in CI")
