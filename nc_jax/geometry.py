@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from nc_jax import _validation as v
 from nc_jax import stiefel
@@ -37,8 +38,9 @@ def simplex_etf(num_classes: int, dtype=jnp.float32) -> jax.Array:
   Columns have unit norm and pairwise inner products exactly :math:`-1/(K-1)`;
   the Gram matrix is :math:`\tfrac{K}{K-1} M`.
   """
+  v.check_num_classes("num_classes", num_classes)
   k = int(num_classes)
-  return jnp.sqrt(k / (k - 1.0)).astype(dtype) * centring_matrix(k, dtype)
+  return jnp.asarray(np.sqrt(k / (k - 1.0)), dtype) * centring_matrix(k, dtype)
 
 
 def random_etf(key: jax.Array, dim: int, num_classes: int, dtype=jnp.float32) -> jax.Array:
