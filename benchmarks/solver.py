@@ -49,9 +49,10 @@ cannot be reset, so the ``dense-ddn`` runs (the largest) go last, and a value
 is marked "≤" when the measurement did not set a new high-water mark (then it
 is only an upper bound).
 
-Accuracy check. "grad rel. diff" is ‖∇ − ∇_svd‖/‖∇‖ against an untimed
-polar-svd gradient: it shows every variant computes the same thing (the dense
-DDN and the Lyapunov VJP agree to float32 rounding).
+Accuracy check. "P max err" and "grad rel. err" compare each variant's
+float32 output with an untimed float64 NumPy closed form (SVD polar factor and
+the polar VJP of paper-notes §2.3) at the same inputs: a fast variant must also
+be a correct one (the dense DDN and the Lyapunov VJP agree to float32 rounding).
 
 Threads. :func:`benchmarks.set_thread_defaults` runs before JAX is imported and
 sets one BLAS thread (unless the environment sets another count): XLA's own
@@ -74,6 +75,7 @@ set_thread_defaults()  # before JAX and its LAPACK are loaded
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 from benchmarks import _common as common  # noqa: E402
 from nc_jax import feasibility_solution, nearest_etf, normalise_means  # noqa: E402
@@ -106,11 +108,12 @@ ITERATIVE = ("polar-qdwh", "rgd-warm")
 
 @dataclasses.dataclass(frozen=True)
 class Inputs:
-  """Ȳ₀ (unit-Frobenius, centred), warm-start P_prev, cotangent G, reference gradient."""
+  """Ȳ₀ (unit-Frobenius, centred), warm-start P_prev, cotangent G, float64 reference."""
   y: jax.Array
   prox: jax.Array
   g: jax.Array
-  reference_grad: jax.Array  # polar-svd gradient, untimed
+  reference_p: np.ndarray     # float64 solution P*
+  reference_grad: np.ndarray  # float64 ∂⟨G, P*⟩/∂Ȳ
 
   @property
   def size(self) -> tuple[int, int]:
@@ -126,8 +129,24 @@ def make_inputs(d: int, k: int, seed: int) -> Inputs:
   # The exact solution at the previous step (first-step rule: feasibility start).
   prox = nearest_etf(y_prev, feasibility_solution(y_prev), delta=DELTA)
   g = jax.random.normal(key_g, (d, k), DTYPE)
-  reference = jax.grad(lambda yy: jnp.vdot(g, nearest_etf(yy, prox, delta=DELTA)))(y)
-  return Inputs(*jax.block_until_ready((y, prox, g, reference)))
+  return Inputs(y, prox, g, *reference_solution(*(np.asarray(a, np.float64) for a in (y, prox, g))))
+
+
+def reference_solution(y: np.ndarray, prox: np.ndarray, g: np.ndarray):
+  """Float64 NumPy closed form P* and its gradient (paper-notes §1.4, §2.3), untimed.
+
+  B = cȲM + δP_prev = UΣVᵀ, P* = UVᵀ; with X = UᵀGV and Ω_ij = (X_ij − X_ji)/(σ_i + σ_j):
+  ∂L/∂B = UΩVᵀ + (G − UUᵀG)VΣ⁻¹Vᵀ and ∂L/∂Ȳ = c·(∂L/∂B)·M. Independent of the
+  library's code, so "grad rel. err" measures each variant's float32 accuracy.
+  """
+  k = y.shape[1]
+  c = 2.0 / np.sqrt(k - 1.0)
+  centre = lambda x: x - x.mean(axis=1, keepdims=True)  # noqa: E731 — right-multiplication by M
+  u, s, vt = np.linalg.svd(c * centre(y) + DELTA * prox, full_matrices=False)
+  x = u.T @ g @ vt.T
+  omega = (x - x.T) / (s[:, None] + s[None, :])
+  grad_b = u @ omega @ vt + (g - u @ (u.T @ g)) @ (vt.T / s) @ vt
+  return u @ vt, c * centre(grad_b)
 
 
 def forward_fn(variant: str) -> Callable[..., jax.Array]:
@@ -221,7 +240,8 @@ class Result:
   forward: Measurement | None = None
   fwd_bwd: Measurement | None = None
   iterations: int | None = None
-  grad_rel_diff: float | None = None
+  p_max_err: float | None = None      # max |P − P*_float64| of the forward output
+  grad_rel_err: float | None = None   # ‖∇ − ∇_float64‖ / ‖∇_float64‖ of fwd+bwd
   skipped: str | None = None
   ddn_ratio: float | None = None  # dense-ddn fwd+bwd time / this variant's
 
@@ -231,7 +251,8 @@ class Result:
         "forward": self.forward and self.forward.as_json(),
         "forward_backward": self.fwd_bwd and self.fwd_bwd.as_json(),
         "iterations": self.iterations,
-        "grad_rel_diff_vs_polar_svd": self.grad_rel_diff,
+        "p_max_abs_err_vs_float64": self.p_max_err,
+        "grad_rel_err_vs_float64": self.grad_rel_err,
         "ddn_ratio_fwd_bwd": self.ddn_ratio,
         "ddn_memory_estimate_bytes": (ddn_memory_estimate_bytes(self.d, self.k)
                                       if self.variant == DDN else None),
@@ -249,11 +270,13 @@ def benchmark_variant(variant: str, inputs: Inputs, policy: common.RepeatPolicy,
     if result.skipped:
       return result
     extra = (jax.block_until_ready(constraint_constant(k, DTYPE)),)  # layer construction
-  result.forward, _ = measure(forward_fn(variant), (inputs.y, inputs.prox), policy)
+  result.forward, p = measure(forward_fn(variant), (inputs.y, inputs.prox), policy)
   result.fwd_bwd, (_, grad) = measure(fwd_bwd_fn(variant),
                                       (inputs.y, inputs.prox, inputs.g, *extra), policy)
+  result.p_max_err = float(np.max(np.abs(np.asarray(p, np.float64) - inputs.reference_p)))
   ref = inputs.reference_grad
-  result.grad_rel_diff = float(jnp.linalg.norm(grad - ref) / jnp.linalg.norm(ref))
+  result.grad_rel_err = float(np.linalg.norm(np.asarray(grad, np.float64) - ref)
+                              / np.linalg.norm(ref))
   result.iterations = solver_iterations(variant, inputs)
   return result
 
@@ -325,19 +348,20 @@ def _device_peak(m: Measurement | None) -> str:
 
 
 TABLE_HEADERS = ("d", "K", "variant", "fwd ms", "fwd+bwd ms", "repeats", "compiled MiB",
-                 "device peak MiB", "dense-ddn / variant", "iterations", "grad rel. diff")
+                 "device peak MiB", "dense-ddn / variant", "iterations", "P max err",
+                 "grad rel. err")
 
 
 def table_row(r: Result) -> list[str]:
   if r.skipped:
-    return [str(r.d), str(r.k), r.variant, "n/a", r.skipped] + ["–"] * 6
+    return [str(r.d), str(r.k), r.variant, "n/a", r.skipped] + ["–"] * 7
   ratio = "–" if r.ddn_ratio is None else f"{_num(r.ddn_ratio)}×"
   return [
       str(r.d), str(r.k), r.variant, _ms(r.forward), _ms(r.fwd_bwd),
       f"{r.forward.timing.repeats}/{r.fwd_bwd.timing.repeats}",
       _mib(r.fwd_bwd.compiled_bytes), _device_peak(r.fwd_bwd), ratio,
       "–" if r.iterations is None else str(r.iterations),
-      f"{r.grad_rel_diff:.1e}",
+      f"{r.p_max_err:.1e}", f"{r.grad_rel_err:.1e}",
   ]
 
 
@@ -358,7 +382,8 @@ def report(env: dict[str, Any], settings: dict[str, Any], results: Sequence[Resu
       "constraint constant). device peak MiB: allocator peak above the memory live before "
       "the fwd+bwd calls ('≤': upper bound, not a new high-water mark; '–': no device "
       "statistics, e.g. CPU). dense-ddn / variant: ratio of fwd+bwd medians. iterations: "
-      "RGD (warm-started) or QDWH iterations. grad rel. diff: ‖∇ − ∇_polar-svd‖/‖∇‖.",
+      "RGD (warm-started) or QDWH iterations. P max err, grad rel. err: max|P − P*| and "
+      "‖∇ − ∇*‖/‖∇*‖ against a float64 NumPy closed form (P*, ∇*) at the same inputs.",
   ]
   return "\n".join(lines)
 

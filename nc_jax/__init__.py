@@ -10,16 +10,19 @@ Core API:
 * :mod:`nc_jax.metrics` — neural-collapse metrics, in memory and streaming.
 """
 
-from nc_jax import geometry, stiefel
+# Submodules (``nc_jax.class_means`` is the module; its function of the same name is
+# ``nc_jax.class_means.class_means``).
+from nc_jax import class_means, geometry, metrics, stiefel
 from nc_jax.geometry import (centring_matrix, etf_distance, nearest_etf_closed_form, random_etf,
                              simplex_etf)
-from nc_jax.solver import (SolverInfo, feasibility_solution, nearest_etf, normalise_means,
-                                polar_vjp)
+from nc_jax.metrics import ce_lower_bound, nc_metrics, nc_metrics_streaming
+from nc_jax.solver import SolverInfo, feasibility_solution, nearest_etf, normalise_means, polar_vjp
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "SolverInfo", "centring_matrix", "etf_distance", "feasibility_solution", "geometry",
+    "SolverInfo", "ce_lower_bound", "centring_matrix", "class_means", "etf_distance",
+    "feasibility_solution", "geometry", "metrics", "nc_metrics", "nc_metrics_streaming",
     "nearest_etf", "nearest_etf_closed_form", "normalise_means", "polar_vjp", "random_etf",
     "simplex_etf", "stiefel",
 ]
