@@ -125,7 +125,7 @@ class Inputs:
 
 def make_inputs(d: int, k: int, seed: int) -> Inputs:
   """Random class means and a training-like warm start (module docstring)."""
-  key_y, key_e, key_g = jax.random.split(jax.random.PRNGKey(seed), 3)
+  key_y, key_e, key_g = jax.random.split(jax.random.key(seed), 3)
   y = normalise_means(jax.random.normal(key_y, (d, k), DTYPE))
   noise = jax.random.normal(key_e, (d, k), DTYPE)
   y_prev = normalise_means(y + PERTURBATION * noise / jnp.linalg.norm(noise))  # ‖y‖ = 1

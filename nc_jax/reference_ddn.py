@@ -65,7 +65,7 @@ def dense_ddn_vjp(y: jax.Array, prox: jax.Array, p: jax.Array, grad_p: jax.Array
   """
   d, k = p.shape
   dtype = p.dtype
-  c = 2.0 / np.sqrt(k - 1.0)
+  c = jnp.asarray(2.0 / np.sqrt(k - 1.0), dtype)
   eye_k = jnp.eye(k, dtype=dtype)
   # Euclidean gradient of the official cost, its multipliers and Hessian block.
   f_grad = (2.0 / (k - 1.0)) * centre_columns(p) - c * centre_columns(y) + delta * (p - prox)

@@ -433,3 +433,10 @@ def test_shape_checks_still_apply_under_jit():
   y, prox = _good()
   with pytest.raises(ValueError, match=r"^prox: expected shape"):
     jax.jit(lambda a, q: nc.nearest_etf(a, q[:, :2]))(y, prox)
+
+
+def test_dense_ddn_reference_keeps_float32():
+  y, prox, cot = problem(12, 4, jnp.float32, seed=26)
+  p = nc.nearest_etf(y, prox)
+  g = reference_ddn.dense_ddn_vjp(y, prox, p, cot, DELTA, reference_ddn.constraint_constant(4))
+  assert g.dtype == jnp.float32
