@@ -97,3 +97,14 @@ def check_orthonormal_columns(name: str, x: jax.Array, tol: float | None = None)
     raise ValueError(
         f"{name}: expected orthonormal columns (a point of the Stiefel manifold), "
         f"got max|X^T X - I| = {err:.3g} > tolerance {tol:.3g}")
+
+
+def check_means_matrix(name: str, x: Any, what: str = "(d, K) of class means") -> jax.Array:
+  """A finite ``(d, K)`` floating matrix with ``d >= K >= 2`` (a point's worth of class means)."""
+  x = as_float_array(name, x)
+  check_ndim(name, x, 2, what)
+  d, k = x.shape
+  check_num_classes(f"{name}.shape[1]", k)
+  check_dim_at_least_classes(name, d, k)
+  check_finite(name, x)
+  return x

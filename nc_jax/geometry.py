@@ -92,12 +92,7 @@ def nearest_etf_closed_form(means: jax.Array) -> NearestETF:
   Returns:
     :class:`NearestETF` with the squared distance and the nearest ETF.
   """
-  means = v.as_float_array("means", means)
-  v.check_ndim("means", means, 2, "(d, K) of class means")
-  d, k = means.shape
-  v.check_num_classes("means.shape[1]", k)
-  v.check_dim_at_least_classes("means", d, k)
-  v.check_finite("means", means)
+  means = v.check_means_matrix("means", means)
   return _nearest_etf_closed_form(means)
 
 

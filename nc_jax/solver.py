@@ -182,12 +182,8 @@ def nearest_etf(
       orthonormal, unknown ``method``/``factorisation``, δ ≤ 0. Value checks
       run on concrete inputs; under a caller's ``jit`` only shapes are checked.
   """
-  means = v.as_float_array("means", means)
-  v.check_ndim("means", means, 2, "(d, K) of normalised class means")
+  means = v.check_means_matrix("means", means, "(d, K) of normalised class means")
   d, k = means.shape
-  v.check_num_classes("means.shape[1]", k)
-  v.check_dim_at_least_classes("means", d, k)
-  v.check_finite("means", means)
   if prox is not None:
     prox = v.as_float_array("prox", prox)
     if prox.shape != means.shape:
@@ -222,11 +218,7 @@ def feasibility_solution(means: jax.Array) -> jax.Array:
 
   See ``prox=None`` in :func:`nearest_etf`. Shape ``(d, K)``.
   """
-  means = v.as_float_array("means", means)
-  v.check_ndim("means", means, 2, "(d, K) of normalised class means")
-  v.check_num_classes("means.shape[1]", means.shape[1])
-  v.check_dim_at_least_classes("means", *means.shape)
-  v.check_finite("means", means)
+  means = v.check_means_matrix("means", means, "(d, K) of normalised class means")
   return _feasible_point(means)
 
 
