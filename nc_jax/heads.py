@@ -181,13 +181,14 @@ def train_logits(config: HeadConfig, params: dict, state: HeadState, h: jax.Arra
 
 
 def eval_logits(config: HeadConfig, params: dict, state: HeadState, h: jax.Array, *,
-                axis_name: Any = None) -> jax.Array:
+                valid: jax.Array | None = None, axis_name: Any = None) -> jax.Array:
   """Evaluation-mode logits ``(n, K)``: standard as in training, fixed with the
-  evaluation batch's mean in the bias, implicit with the last training W and b."""
+  evaluation batch's mean in the bias (over the ``valid`` rows ``(n,)`` bool when
+  a batch is padded), implicit with the last training W and b."""
   if config.kind == "standard":
     return _standard_logits(params, h)
   if config.kind == "fixed":
-    return _fixed_logits(state, h, axis_name)
+    return _fixed_logits(state, h, axis_name, valid)
   return mm(h, state.weight.T) + state.bias
 
 
@@ -225,17 +226,19 @@ def _standard_logits(params, h):
   return logits
 
 
-def _batch_mean(h, axis_name):
-  total = jnp.sum(h, axis=0)
-  n = jnp.asarray(h.shape[0], h.dtype)
+def _batch_mean(h, axis_name, valid=None):
+  if valid is None:
+    total, n = jnp.sum(h, axis=0), jnp.asarray(h.shape[0], h.dtype)
+  else:
+    total, n = jnp.sum(jnp.where(valid[:, None], h, 0), axis=0), jnp.sum(valid).astype(h.dtype)
   if axis_name is not None:
     total, n = lax.psum(total, axis_name), lax.psum(n, axis_name)
   return total / n
 
 
-def _fixed_logits(state, h, axis_name):
+def _fixed_logits(state, h, axis_name, valid=None):
   w = state.weight
-  mu = lax.stop_gradient(_batch_mean(h, axis_name))
+  mu = lax.stop_gradient(_batch_mean(h, axis_name, valid))
   return mm(h - mu, w.T)
 
 
@@ -263,22 +266,28 @@ def _implicit_train_logits(config, state, h, labels, axis_name):
 # --------------------------------------------------------------------------- #
 
 
-def loss(name: str, logits: jax.Array, labels: jax.Array) -> jax.Array:
-  r"""Batch-mean loss of ``logits`` ``(n, K)`` against int ``labels`` ``(n,)``.
+def per_sample_loss(name: str, logits: jax.Array, labels: jax.Array) -> jax.Array:
+  r"""Per-sample loss ``(n,)`` of ``logits`` ``(n, K)`` against int ``labels`` ``(n,)``.
 
-  * ``cross_entropy``: :math:`-\tfrac1n\sum_i \log\mathrm{softmax}(z_i)_{y_i}` (official).
-  * ``mse``: :math:`\tfrac1n\sum_i \|z_i - e_{y_i}\|^2` on one-hot targets.
-  * ``dot_regression``: :math:`\tfrac1{2n}\sum_i (z_{i,y_i} - 1)^2`, the official
-    unused ``DotRegression`` (:math:`\langle h, w_y\rangle + b_y = z_{y}`).
+  * ``cross_entropy``: :math:`-\log\mathrm{softmax}(z_i)_{y_i}` (official).
+  * ``mse``: :math:`\|z_i - e_{y_i}\|^2` on one-hot targets.
+  * ``dot_regression``: :math:`\tfrac12 (z_{i,y_i} - 1)^2`, the official unused
+    ``DotRegression`` (:math:`\langle h, w_y\rangle + b_y = z_{y}`).
+
+  Labels < 0 (padding) give a finite, meaningless value: mask them out.
   """
   if name not in LOSSES:
     raise ValueError(f"loss: expected one of {LOSSES}, got {name!r}")
-  logits = logits.astype(jnp.float32) if logits.dtype == jnp.bfloat16 else logits
+  logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
   k = logits.shape[-1]
+  safe = jnp.clip(labels, 0, k - 1)[:, None]
   if name == "cross_entropy":
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=-1))
+    return -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), safe, axis=-1)[:, 0]
   if name == "mse":
-    return jnp.mean(jnp.sum((logits - jax.nn.one_hot(labels, k, dtype=logits.dtype)) ** 2, -1))
-  target = jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
-  return 0.5 * jnp.mean((target - 1.0) ** 2)
+    return jnp.sum((logits - jax.nn.one_hot(labels, k, dtype=logits.dtype)) ** 2, -1)
+  return 0.5 * (jnp.take_along_axis(logits, safe, axis=-1)[:, 0] - 1.0) ** 2
+
+
+def loss(name: str, logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Batch-mean of :func:`per_sample_loss` (mean reduction, as the official code)."""
+  return jnp.mean(per_sample_loss(name, logits, labels))

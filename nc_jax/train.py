@@ -107,11 +107,17 @@ def _forward(model, head_config, params, batch_stats, images, train):
   return heads.normalise_features(feats, head_config.tau), new_stats
 
 
-def _step_metrics(loss_value, logits, labels):
-  n = labels.shape[0]
-  correct = jnp.sum(jnp.argmax(logits, axis=-1) == labels)
-  return {"loss_sum": loss_value * n, "correct": correct.astype(jnp.float32),
-          "count": jnp.asarray(n, jnp.float32)}
+def _step_metrics(per_sample, logits, labels):
+  """Sums over the valid (label ≥ 0; padded evaluation slots have −1) samples."""
+  valid = labels >= 0
+  correct = (jnp.argmax(logits, axis=-1) == labels) & valid
+  k = logits.shape[-1]
+  top5 = jax.lax.top_k(logits, min(5, k))[1]
+  correct5 = jnp.any(top5 == labels[:, None], axis=-1) & valid
+  f32 = jnp.float32
+  return {"loss_sum": jnp.sum(jnp.where(valid, per_sample, 0.0)).astype(f32),
+          "correct": jnp.sum(correct).astype(f32), "correct_top5": jnp.sum(correct5).astype(f32),
+          "count": jnp.sum(valid).astype(f32)}
 
 
 def train_step(state: TrainState, images: jax.Array, labels: jax.Array, *, model: nn.Module,
@@ -122,31 +128,27 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, *, model
   def objective(params):
     h, new_stats = _forward(model, head_config, params, state.batch_stats, images, True)
     logits, head_state = heads.train_logits(head_config, params["head"], state.head, h, labels)
-    value = heads.loss(loss, logits, labels)
-    return value, (logits, new_stats, head_state)
+    per_sample = heads.per_sample_loss(loss, logits, labels)
+    return jnp.mean(per_sample), (per_sample, logits, new_stats, head_state)
 
-  (value, (logits, new_stats, head_state)), grads = jax.value_and_grad(
+  (_, (per_sample, logits, new_stats, head_state)), grads = jax.value_and_grad(
       objective, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   params = {**params, "head": heads.renormalise(head_config, params["head"])}
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
                             opt_state=opt_state, head=head_state)
-  return new_state, _step_metrics(value, logits, labels)
+  return new_state, _step_metrics(jax.lax.stop_gradient(per_sample), logits, labels)
 
 
 def eval_step(state: TrainState, images: jax.Array, labels: jax.Array, *, model: nn.Module,
               head_config: heads.HeadConfig, loss: str = "cross_entropy") -> dict:
   """Summed evaluation metrics on a batch (BatchNorm running averages; implicit head:
-  last training W and b; fixed head: the batch's mean in the bias)."""
+  last training W and b; fixed head: the batch's mean in the bias). Samples with
+  label −1 (padding) are not counted."""
   h, _ = _forward(model, head_config, state.params, state.batch_stats, images, False)
-  logits = heads.eval_logits(head_config, state.params["head"], state.head, h)
-  value = heads.loss(loss, logits, labels)
-  metrics = _step_metrics(value, logits, labels)
-  k = logits.shape[-1]
-  top5 = jax.lax.top_k(logits, min(5, k))[1]
-  metrics["correct_top5"] = jnp.sum(jnp.any(top5 == labels[:, None], axis=-1)).astype(jnp.float32)
-  return metrics
+  logits = heads.eval_logits(head_config, state.params["head"], state.head, h, valid=labels >= 0)
+  return _step_metrics(heads.per_sample_loss(loss, logits, labels), logits, labels)
 
 
 def features(state: TrainState, images: jax.Array, *, model: nn.Module,
@@ -226,8 +228,5 @@ def summarise(total: dict) -> dict:
   """Host-side means of summed metrics: loss and accuracies in %."""
   total = jax.device_get(total)
   n = float(total["count"])
-  out = {"loss": float(total["loss_sum"]) / n, "top1": 100.0 * float(total["correct"]) / n,
-         "count": int(n)}
-  if "correct_top5" in total:
-    out["top5"] = 100.0 * float(total["correct_top5"]) / n
-  return out
+  return {"loss": float(total["loss_sum"]) / n, "top1": 100.0 * float(total["correct"]) / n,
+          "top5": 100.0 * float(total["correct_top5"]) / n, "count": int(n)}

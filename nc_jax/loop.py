@@ -1,0 +1,171 @@
+"""The epoch loop for device-resident datasets: train, evaluate, checkpoint, resume.
+
+Randomness is a pure function of the run key in the train state:
+
+* epoch plan (order, stratified batches): ``fold_in(fold_in(rng, 0), epoch)``;
+* augmentation of a step: ``fold_in(fold_in(rng, 1), step)``.
+
+So the position ``(epoch, batch)`` plus the train state is the whole run state: a
+run stopped at any step (SIGINT/SIGTERM, or ``max_steps``) and resumed from its
+checkpoint continues exactly where it was, bitwise on CPU.
+
+Per step the host only dispatches: batch gathering and augmentation run inside
+the compiled step, metrics are summed on device, and the host reads them once
+per epoch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nc_jax import train
+from nc_jax.checkpoint import Checkpointer, StopRequest
+from nc_jax.data import batching
+from nc_jax.data.augment import AugmentSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceData:
+  """A split resident on device: uint8 images ``(N, H, W, C)``, int32 labels ``(N,)``."""
+  images: jax.Array
+  labels: jax.Array
+  spec: AugmentSpec
+
+
+@dataclasses.dataclass
+class FitResult:
+  state: train.TrainState
+  history: list[dict]
+  stopped: bool          # True if a stop request or max_steps ended the run early
+  position: dict         # where the run would continue: {"epoch", "batch"}
+
+
+def _data_step(state, images, labels, idx, *, spec, **static):
+  key = jax.random.fold_in(jax.random.fold_in(state.rng, 1), state.step)
+  x, y = batching.make_batch(images, labels, idx, key, spec, True)
+  return train.train_step(state, x, y, **static)
+
+
+def _eval_data_step(state, images, labels, idx, *, spec, **static):
+  x, y = batching.make_batch(images, labels, idx, None, spec, False)
+  return train.eval_step(state, x, y, **static)
+
+
+def compile_data_steps(mesh, train_spec: AugmentSpec, eval_spec: AugmentSpec, *, model, tx,
+                       head_config, loss="cross_entropy"):
+  """Compiled ``(train, eval)`` steps taking ``(state, images, labels, idx)``.
+
+  Images and labels are replicated, the index batch is sharded along ``"data"``
+  (so each device gathers and augments its own slice), the state replicated and
+  donated.
+  """
+  tr = functools.partial(_data_step, spec=train_spec, model=model, tx=tx,
+                         head_config=head_config, loss=loss)
+  ev = functools.partial(_eval_data_step, spec=eval_spec, model=model, head_config=head_config,
+                         loss=loss)
+  if mesh is None:
+    return jax.jit(tr, donate_argnums=0), jax.jit(ev)
+  rep, data = train.replicated(mesh), train.batch_sharding(mesh)
+  return (jax.jit(tr, in_shardings=(rep, rep, rep, data), out_shardings=(rep, rep),
+                  donate_argnums=0),
+          jax.jit(ev, in_shardings=(rep, rep, rep, data), out_shardings=rep))
+
+
+def epoch_plan(state: train.TrainState, labels: jax.Array, epoch: int, batch_size: int,
+               stratified: bool, num_classes: int) -> np.ndarray:
+  """The ``(num_batches, B)`` index plan of ``epoch`` (host copy)."""
+  key = jax.random.fold_in(jax.random.fold_in(state.rng, 0), epoch)
+  return np.asarray(batching.epoch_indices(key, labels, batch_size, stratified,
+                                           num_classes=num_classes))
+
+
+def evaluate(eval_fn: Callable, state: train.TrainState, data: DeviceData, batch_size: int,
+             mesh=None) -> dict:
+  """Loss, top-1 and top-5 over a whole split (padded last batch masked out)."""
+  idx, _ = batching.eval_indices(int(data.labels.shape[0]), batch_size)
+  total = None
+  for row in idx:
+    total = train.add_metrics(total, eval_fn(state, data.images, data.labels, _place(row, mesh)))
+  return train.summarise(total)
+
+
+def _place(idx_row, mesh):
+  return jnp.asarray(idx_row) if mesh is None else train.global_batch(idx_row, mesh)
+
+
+def fit(state: train.TrainState, train_data: DeviceData, *, steps: tuple[Callable, Callable],
+        epochs: int, batch_size: int, num_classes: int, stratified: bool = False,
+        eval_data: DeviceData | None = None, eval_every: int = 1, mesh=None,
+        checkpointer: Checkpointer | None = None, checkpoint_every: int = 1,
+        position: dict | None = None, max_steps: int | None = None,
+        on_epoch: Callable[[dict], None] | None = None,
+        on_step: Callable[[int, int], None] | None = None) -> FitResult:
+  """Trains from ``position`` (default: the start) to the end of ``epochs``.
+
+  Args:
+    state: the train state (fresh, or restored with ``position``).
+    train_data, eval_data: device-resident splits (replicated over ``mesh``).
+    steps: ``compile_data_steps(...)``.
+    epochs: total epochs of the run (not "more epochs").
+    batch_size: global batch size (a multiple of the device count).
+    num_classes: K.
+    stratified: stratified batches (the implicit method's recipe).
+    eval_every: evaluate ``eval_data`` every this many epochs (and at the end).
+    checkpointer: saves every ``checkpoint_every`` epochs, at the end, and when
+      stopped (SIGINT/SIGTERM or ``max_steps``).
+    position: ``{"epoch": e, "batch": i}`` to resume at.
+    max_steps: stop (and checkpoint) after this many steps of this call.
+    on_epoch: called with each epoch's record (for logging/progress).
+    on_step: called with ``(epoch, batch)`` after each dispatched step.
+
+  Returns:
+    :class:`FitResult`; its ``history`` holds one record per finished epoch:
+    ``epoch`` (1-based), ``train`` (loss, top1, top5), ``eval`` (if run),
+    ``seconds``.
+  """
+  train_fn, eval_fn = steps
+  if mesh is not None:
+    train.check_batch_size(batch_size, mesh)
+  position = dict(position or {"epoch": 0, "batch": 0})
+  history: list[dict] = []
+  taken = 0
+  with StopRequest() as stop:
+    for epoch in range(position["epoch"], epochs):
+      plan = epoch_plan(state, train_data.labels, epoch, batch_size, stratified, num_classes)
+      start = position["batch"] if epoch == position["epoch"] else 0
+      total, t0 = None, time.perf_counter()
+      for b in range(start, plan.shape[0]):
+        state, metrics = train_fn(state, train_data.images, train_data.labels,
+                                  _place(plan[b], mesh))
+        total = train.add_metrics(total, metrics)
+        taken += 1
+        if on_step is not None:
+          on_step(epoch, b)
+        if stop.requested or (max_steps is not None and taken >= max_steps):
+          here = {"epoch": epoch, "batch": b + 1}
+          if b + 1 == plan.shape[0]:
+            here = {"epoch": epoch + 1, "batch": 0}
+          if checkpointer is not None:
+            checkpointer.save(int(state.step), state, here)
+            checkpointer.wait()
+          return FitResult(state, history, True, here)
+      record = {"epoch": epoch + 1, "train": train.summarise(total),
+                "seconds": time.perf_counter() - t0}
+      last = epoch + 1 == epochs
+      if eval_data is not None and ((epoch + 1) % eval_every == 0 or last):
+        record["eval"] = evaluate(eval_fn, state, eval_data, batch_size, mesh)
+      history.append(record)
+      if on_epoch is not None:
+        on_epoch(record)
+      if checkpointer is not None and ((epoch + 1) % checkpoint_every == 0 or last):
+        checkpointer.save(int(state.step), state, {"epoch": epoch + 1, "batch": 0})
+  if checkpointer is not None:
+    checkpointer.wait()
+  return FitResult(state, history, False, {"epoch": epochs, "batch": 0})
