@@ -1,0 +1,185 @@
+"""One validated description of a training run, and the builders that turn it into parts.
+
+:class:`TrainConfig` names everything a run needs (dataset, backbone, method,
+optimiser, batch and epochs, …) with the paper's recipe as defaults
+(paper-notes §5: ResNet18 with the ImageNet stem, BatchNorm without affine
+parameters, τ = 5, AGD with gain 10, batch 256, 200 epochs, stratified batches
+for the implicit method). :meth:`TrainConfig.validate` rejects a bad
+configuration before any data is read or anything compiled, naming the field,
+the valid choices and what was given. The ``build_*`` functions assemble the
+backbone, head, optimiser and parameter initialisation for
+:func:`nc_jax.train.create_train_state`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax.numpy as jnp
+import optax
+
+from nc_jax import heads, models, optim
+from nc_jax.data import registry
+from nc_jax.data.sources import SOURCES
+
+METHODS = heads.HEAD_KINDS
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """A training run (defaults: the paper's released recipe).
+
+  Data: ``dataset`` (a :func:`nc_jax.data.dataset_names` name), ``source``
+  (``tfds``/``idx``/``npz``/``synthetic``), ``data_path`` (idx folder or npz file),
+  ``data_dir`` (tfds), ``num_examples`` (synthetic size).
+  Model: ``model`` (:data:`nc_jax.models.MODEL_NAMES`), ``stem`` (ResNets:
+  ``imagenet`` as the paper, or ``cifar``), ``affine`` (BatchNorm scale/shift;
+  the paper's ``--no-bias`` turns it off), ``compute_dtype`` (``float32`` or
+  ``bfloat16``; parameters stay float32).
+  Head: ``method`` (standard/fixed/implicit), ``forward_only`` (implicit
+  ablation), ``tau``, ``loss``, ``bias`` (standard), ``renormalise_rows``
+  (standard), ``rotation_seed`` (fixed), ``delta``, ``solver``,
+  ``factorisation`` (implicit).
+  Optimisation: ``optimizer`` (sgd/adam/adamw/agd), ``learning_rate``,
+  ``momentum``, ``nesterov``, ``weight_decay``, ``schedule``,
+  ``warmup_epochs``, ``gain`` (AGD), ``batch_size`` (global), ``epochs``,
+  ``stratified`` (``None``: on for the implicit method when batch_size ≥ K,
+  as the paper).
+  Run: ``seed``.
+  """
+  dataset: str = "cifar10"
+  source: str = "tfds"
+  data_path: str | None = None
+  data_dir: str | None = None
+  num_examples: int | None = None
+  model: str = "resnet18"
+  stem: str = "imagenet"
+  affine: bool = False
+  compute_dtype: str = "float32"
+  method: str = "implicit"
+  forward_only: bool = False
+  tau: float = 5.0
+  loss: str = "cross_entropy"
+  bias: bool = False
+  renormalise_rows: bool = True
+  rotation_seed: int | None = None
+  delta: float = 1e-3
+  solver: str = "polar"
+  factorisation: str = "svd"
+  optimizer: str = "agd"
+  learning_rate: float | None = None
+  momentum: float | None = None
+  nesterov: bool = False
+  weight_decay: float | None = None
+  schedule: str = "constant"
+  warmup_epochs: int = 0
+  gain: float | None = None
+  batch_size: int = 256
+  epochs: int = 200
+  stratified: bool | None = None
+  seed: int = 0
+
+  @property
+  def use_stratified(self) -> bool:
+    """Explicit ``stratified``, else on for the implicit method whenever every class fits
+    in a batch (batch_size ≥ K; not possible for ImageNet at batch 256)."""
+    if self.stratified is not None:
+      return self.stratified
+    return self.method == "implicit" and self.batch_size >= self.info.num_classes
+
+  @property
+  def info(self) -> registry.DatasetInfo:
+    return registry.get_dataset_info(self.dataset)
+
+  def validate(self) -> "TrainConfig":
+    """Checks every field and their combinations; returns ``self``.
+
+    Raises:
+      ValueError: naming the field, the valid values and the given one.
+    """
+    try:
+      registry.get_dataset_info(self.dataset)
+    except ValueError:
+      _choice("dataset", self.dataset, registry.dataset_names())
+    _choice("source", self.source, SOURCES)
+    if self.source in ("idx", "npz") and not self.data_path:
+      raise ValueError(f"data_path: source {self.source!r} needs a data_path (a folder of IDX "
+                       f"files or an .npz file), got {self.data_path!r}")
+    _choice("model", self.model, models.MODEL_NAMES)
+    _choice("stem", self.stem, ("imagenet", "cifar"))
+    _choice("compute_dtype", self.compute_dtype, tuple(COMPUTE_DTYPES))
+    _choice("method", self.method, METHODS)
+    _choice("loss", self.loss, heads.LOSSES)
+    _choice("optimizer", self.optimizer.lower(), optim.OPTIMIZERS)
+    _choice("schedule", self.schedule, optim.SCHEDULES)
+    for name in ("batch_size", "epochs"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    if self.warmup_epochs < 0 or (self.warmup_epochs and self.warmup_epochs >= self.epochs):
+      raise ValueError(f"warmup_epochs: expected 0 <= warmup_epochs < epochs={self.epochs}, "
+                       f"got {self.warmup_epochs}")
+    k = self.info.num_classes
+    if self.use_stratified and self.batch_size < k:
+      raise ValueError(f"batch_size: stratified batches need every class in every batch, so "
+                       f"batch_size >= number of classes K={k}, got {self.batch_size}")
+    d = models.feature_dim(self.model)
+    # The head checks d ≥ K for the ETF methods (and every other head field).
+    self.head_config(k, d)
+    if self.optimizer.lower() == "agd" and self.affine:
+      raise ValueError("affine: AGD cannot train 1-D parameters, so BatchNorm must run without "
+                       "scale and shift (affine=False, the paper's --no-bias), got affine=True")
+    if self.optimizer.lower() == "agd" and self.method == "standard" and self.bias:
+      raise ValueError("bias: AGD cannot train 1-D parameters: use bias=False with the standard "
+                       "head (the paper's --no-bias), got bias=True")
+    self.optimizer_transform(steps_per_epoch=1)  # the factory validates the numbers
+    return self
+
+  def head_config(self, num_classes: int, feature_dim: int) -> heads.HeadConfig:
+    return heads.HeadConfig(
+        self.method, num_classes=num_classes, feature_dim=feature_dim, tau=self.tau,
+        bias=self.bias, renormalise_rows=self.renormalise_rows, rotation_seed=self.rotation_seed,
+        forward_only=self.forward_only, delta=self.delta, method=self.solver,
+        factorisation=self.factorisation)
+
+  def backbone(self):
+    kwargs: dict[str, Any] = {"affine": self.affine,
+                              "dtype": COMPUTE_DTYPES[self.compute_dtype]}
+    if self.model.startswith("resnet"):
+      kwargs["stem"] = self.stem
+    if self.model == "mlp":
+      kwargs["use_bias"] = self.affine  # no-bias mode: no 1-D parameters anywhere
+    return models.create(self.model, **kwargs)
+
+  def optimizer_transform(self, steps_per_epoch: int) -> optax.GradientTransformation:
+    name = self.optimizer.lower()
+    # Everything goes to the factory, which rejects what an optimiser cannot honour
+    # (e.g. a learning rate for AGD, momentum for Adam).
+    kwargs: dict[str, Any] = {
+        "learning_rate": self.learning_rate, "momentum": self.momentum,
+        "nesterov": self.nesterov, "weight_decay": self.weight_decay, "schedule": self.schedule,
+        "total_steps": self.epochs * steps_per_epoch,
+        "warmup_steps": self.warmup_epochs * steps_per_epoch, "gain": self.gain}
+    if name == "agd":
+      kwargs["torch_layout"] = _head_is_torch_layout
+    return optim.make_optimizer(name, **kwargs)
+
+  def init_params(self) -> Callable[[Any, Any], Any] | None:
+    """AGD's orthogonal re-initialisation (official), else ``None`` (model initialisers)."""
+    if self.optimizer.lower() != "agd":
+      return None
+    return functools.partial(optim.agd_init, torch_layout=_head_is_torch_layout)
+
+
+def _head_is_torch_layout(path: str) -> bool:
+  """The standard head stores W as (K, d) = (out, in), PyTorch's order."""
+  return path.startswith("head/")
+
+
+def _choice(name: str, value: Any, valid) -> None:
+  if value in valid:
+    return
+  raise ValueError(f"{name}: expected one of {', '.join(map(str, valid))}; got {value!r}")

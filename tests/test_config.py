@@ -1,0 +1,66 @@
+"""TrainConfig: the paper's defaults, builders, and clear errors for bad configurations."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from nc_jax import train
+from nc_jax.config import TrainConfig
+
+
+def test_paper_defaults_validate_and_build():
+  cfg = TrainConfig().validate()
+  assert (cfg.model, cfg.stem, cfg.affine, cfg.tau, cfg.optimizer, cfg.batch_size,
+          cfg.epochs) == ("resnet18", "imagenet", False, 5.0, "agd", 256, 200)
+  assert cfg.use_stratified and not TrainConfig(method="standard").use_stratified
+  head = cfg.head_config(10, 512)
+  assert head.kind == "implicit" and head.tau == 5.0
+
+
+@pytest.mark.parametrize("method", ["standard", "fixed", "implicit"])
+def test_builders_make_a_trainable_state_with_agd(method):
+  cfg = TrainConfig(dataset="synthetic", model="mlp", method=method, source="synthetic",
+                    batch_size=16).validate()
+  model = cfg.backbone()
+  tx = cfg.optimizer_transform(steps_per_epoch=10)
+  x = jnp.ones((4, 8, 8, 3), jnp.float32)
+  d = model.apply(model.init(jax.random.PRNGKey(0), x, train=False), x, train=False).shape[-1]
+  state = train.create_train_state(model, tx, cfg.head_config(cfg.info.num_classes, d),
+                                   jax.random.PRNGKey(0), x, init_params=cfg.init_params())
+  step = train.compile_train_step(None, model=model, tx=tx,
+                                  head_config=cfg.head_config(cfg.info.num_classes, d))
+  labels = jnp.arange(16) % cfg.info.num_classes
+  state, metrics = step(state, jnp.ones((16, 8, 8, 3), jnp.float32), labels)
+  assert float(metrics["count"]) == 16 and int(state.step) == 1
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(dataset="cifar1000"), r"^dataset: expected one of .*cifar10.*got 'cifar1000'"),
+    (dict(model="resnet19"), r"^model: expected one of resnet18, .*got 'resnet19'"),
+    (dict(method="learned"), r"^method: expected one of standard, fixed, implicit; got 'learned'"),
+    (dict(optimizer="lamb"), r"^optimizer: expected one of"),
+    (dict(schedule="linear"), r"^schedule: expected one of"),
+    (dict(source="web"), r"^source: expected one of"),
+    (dict(source="idx"), r"^data_path: source 'idx' needs a data_path"),
+    (dict(dataset="cifar100", batch_size=64, stratified=True),
+     r"^batch_size: stratified .*K=100, got 64"),
+    (dict(dataset="imagenet2012", model="resnet18"), r"^feature_dim: .*d >= .*K.*d=512, K=1000"),
+    (dict(batch_size=0), r"^batch_size: expected a positive integer"),
+    (dict(epochs=10, warmup_epochs=10, optimizer="sgd", learning_rate=0.1), r"^warmup_epochs"),
+    (dict(affine=True), r"^affine: AGD cannot train 1-D parameters"),
+    (dict(method="standard", bias=True), r"^bias: AGD cannot train 1-D parameters"),
+    (dict(optimizer="agd", learning_rate=0.1), r"learning_rate"),
+    (dict(optimizer="sgd", learning_rate=-1.0), r"learning_rate"),
+    (dict(compute_dtype="float16"), r"^compute_dtype: expected one of float32, bfloat16"),
+    (dict(tau=0.0), r"^tau: expected a positive"),
+])
+def test_bad_configurations_fail_clearly(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    TrainConfig(**kwargs).validate()
+
+
+def test_imagenet_with_resnet50_is_valid_and_not_stratified():
+  cfg = TrainConfig(dataset="imagenet2012", model="resnet50").validate()
+  assert not cfg.use_stratified  # K = 1000 > batch 256
+  assert TrainConfig(dataset="cifar100", batch_size=64).use_stratified is False
+  assert TrainConfig(dataset="cifar100").use_stratified is True
