@@ -1,9 +1,15 @@
-"""The epoch loop for device-resident datasets: train, evaluate, checkpoint, resume.
+"""The epoch loop: train, evaluate, checkpoint, resume.
 
-Randomness is a pure function of the run key in the train state:
+Two kinds of data:
 
-* epoch plan (order, stratified batches): ``fold_in(fold_in(rng, 0), epoch)``;
-* augmentation of a step: ``fold_in(fold_in(rng, 1), step)``.
+* :class:`DeviceData` — a split resident on device as uint8; batches are
+  gathered and augmented inside the compiled step (:func:`compile_data_steps`).
+  Randomness is a pure function of the run key in the train state: the epoch
+  plan (order, stratified batches) uses ``fold_in(fold_in(rng, 0), epoch)``, the
+  augmentation of a step ``fold_in(fold_in(rng, 1), step)``.
+* :class:`nc_jax.data.StreamingLoader` — host batches with prefetch (ImageNet),
+  fed to :func:`nc_jax.train.compile_train_step`; its order and augmentation are
+  seeded by ``(seed, epoch, index)``.
 
 So the position ``(epoch, batch)`` plus the train state is the whole run state: a
 run stopped at any step (SIGINT/SIGTERM, or ``max_steps``) and resumed from its
@@ -29,6 +35,7 @@ from nc_jax import train
 from nc_jax.checkpoint import Checkpointer, StopRequest
 from nc_jax.data import batching
 from nc_jax.data.augment import AugmentSpec
+from nc_jax.data.streaming import StreamingLoader
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,13 +93,42 @@ def epoch_plan(state: train.TrainState, labels: jax.Array, epoch: int, batch_siz
                                            num_classes=num_classes))
 
 
-def evaluate(eval_fn: Callable, state: train.TrainState, data: DeviceData, batch_size: int,
+def _batches(data, state, epoch, start, batch_size, stratified, num_classes, mesh, train_mode):
+  """``(index, step arguments)`` of one epoch from batch ``start``, and the batch count."""
+  if isinstance(data, StreamingLoader):
+    it = data.epoch(epoch, start=start)
+
+    def gen():
+      with it:
+        for i, batch in enumerate(it, start):
+          yield i, _host_batch(batch, mesh)
+    return gen(), len(data)
+  if train_mode:
+    plan = epoch_plan(state, data.labels, epoch, batch_size, stratified, num_classes)
+  else:
+    plan, _ = batching.eval_indices(int(data.labels.shape[0]), batch_size)
+  rows = ((b, (data.images, data.labels, _place(plan[b], mesh)))
+          for b in range(start, plan.shape[0]))
+  return rows, plan.shape[0]
+
+
+def _host_batch(batch, mesh):
+  pair = (batch.images, batch.labels)
+  return tuple(jnp.asarray(a) for a in pair) if mesh is None else train.global_batch(pair, mesh)
+
+
+def evaluate(eval_fn: Callable, state: train.TrainState, data: Any, batch_size: int,
              mesh=None) -> dict:
-  """Loss, top-1 and top-5 over a whole split (padded last batch masked out)."""
-  idx, _ = batching.eval_indices(int(data.labels.shape[0]), batch_size)
+  """Loss, top-1 and top-5 over a whole split (padded last batch masked out).
+
+  ``data``: :class:`DeviceData` (with ``eval_fn`` from :func:`compile_data_steps`)
+  or an evaluation :class:`~nc_jax.data.StreamingLoader` (with
+  :func:`nc_jax.train.compile_eval_step`).
+  """
+  rows, _ = _batches(data, state, 0, 0, batch_size, False, None, mesh, train_mode=False)
   total = None
-  for row in idx:
-    total = train.add_metrics(total, eval_fn(state, data.images, data.labels, _place(row, mesh)))
+  for _, args in rows:
+    total = train.add_metrics(total, eval_fn(state, *args))
   return train.summarise(total)
 
 
@@ -100,9 +136,9 @@ def _place(idx_row, mesh):
   return jnp.asarray(idx_row) if mesh is None else train.global_batch(idx_row, mesh)
 
 
-def fit(state: train.TrainState, train_data: DeviceData, *, steps: tuple[Callable, Callable],
-        epochs: int, batch_size: int, num_classes: int, stratified: bool = False,
-        eval_data: DeviceData | None = None, eval_every: int = 1, mesh=None,
+def fit(state: train.TrainState, train_data: DeviceData | StreamingLoader, *,
+        steps: tuple[Callable, Callable], epochs: int, batch_size: int, num_classes: int,
+        stratified: bool = False, eval_data: DeviceData | StreamingLoader | None = None, eval_every: int = 1, mesh=None,
         checkpointer: Checkpointer | None = None, checkpoint_every: int = 1,
         position: dict | None = None, max_steps: int | None = None,
         on_epoch: Callable[[dict], None] | None = None,
@@ -111,8 +147,10 @@ def fit(state: train.TrainState, train_data: DeviceData, *, steps: tuple[Callabl
 
   Args:
     state: the train state (fresh, or restored with ``position``).
-    train_data, eval_data: device-resident splits (replicated over ``mesh``).
-    steps: ``compile_data_steps(...)``.
+    train_data, eval_data: device-resident splits (replicated over ``mesh``), or
+      streaming loaders (their own batch size, order and stratification apply).
+    steps: ``compile_data_steps(...)`` for device data; ``(compile_train_step(...),
+      compile_eval_step(...))`` for streaming loaders.
     epochs: total epochs of the run (not "more epochs").
     batch_size: global batch size (a multiple of the device count).
     num_classes: K.
@@ -138,19 +176,21 @@ def fit(state: train.TrainState, train_data: DeviceData, *, steps: tuple[Callabl
   taken = 0
   with StopRequest() as stop:
     for epoch in range(position["epoch"], epochs):
-      plan = epoch_plan(state, train_data.labels, epoch, batch_size, stratified, num_classes)
       start = position["batch"] if epoch == position["epoch"] else 0
+      rows, num_batches = _batches(train_data, state, epoch, start, batch_size, stratified,
+                                   num_classes, mesh, train_mode=True)
       total, t0 = None, time.perf_counter()
-      for b in range(start, plan.shape[0]):
-        state, metrics = train_fn(state, train_data.images, train_data.labels,
-                                  _place(plan[b], mesh))
+      for b, args in rows:
+        state, metrics = train_fn(state, *args)
         total = train.add_metrics(total, metrics)
         taken += 1
         if on_step is not None:
           on_step(epoch, b)
         if stop.requested or (max_steps is not None and taken >= max_steps):
+          if hasattr(rows, "close"):
+            rows.close()  # stops a streaming loader's prefetch thread
           here = {"epoch": epoch, "batch": b + 1}
-          if b + 1 == plan.shape[0]:
+          if b + 1 == num_batches:
             here = {"epoch": epoch + 1, "batch": 0}
           if checkpointer is not None:
             checkpointer.save(int(state.step), state, here)

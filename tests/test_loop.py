@@ -117,3 +117,37 @@ def test_sharded_fit_equals_single_device():
   for a, b in zip(jax.tree.leaves(single.state), jax.tree.leaves(sharded.state)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-9, atol=1e-10)
   assert single.history[-1]["eval"] == pytest.approx(sharded.history[-1]["eval"])
+
+
+def streaming_run(stratified=True):
+  from nc_jax.data import ArraySource, StreamingLoader
+  model = FlatNet()
+  cfg = heads.HeadConfig("implicit", num_classes=K, feature_dim=8)
+  tx = optax.sgd(0.05, momentum=0.9)
+  images, labels = (np.asarray(a) for a in image_data())
+  source = ArraySource(images, labels)
+  loader = StreamingLoader(source, SPEC_TRAIN, batch_size=32, train=True, seed=3,
+                           stratified=stratified, labels=labels, num_classes=K, num_threads=2)
+  evaluation = StreamingLoader(source, SPEC_EVAL, batch_size=40, train=False)
+  state = train.create_train_state(model, tx, cfg, jax.random.PRNGKey(1), jnp.zeros((8, 6, 6, 1)))
+  steps = (train.compile_train_step(None, model=model, tx=tx, head_config=cfg),
+           train.compile_eval_step(None, model=model, head_config=cfg))
+  return state, steps, loader, evaluation
+
+
+def test_streaming_fit_resumes_bitwise(tmp_path):
+  state, steps, loader, evaluation = streaming_run()
+  full = loop.fit(state, loader, steps=steps, epochs=2, batch_size=32, num_classes=K,
+                  eval_data=evaluation)
+  assert full.history[-1]["eval"]["count"] == 96          # padded last eval batch masked
+  state2, steps2, loader2, evaluation2 = streaming_run()
+  with Checkpointer(tmp_path / "ck") as ck:
+    part = loop.fit(state2, loader2, steps=steps2, epochs=2, batch_size=32, num_classes=K,
+                    checkpointer=ck, max_steps=4)
+    template, steps3, loader3, evaluation3 = streaming_run()
+    restored, position = ck.restore(template)
+  assert part.stopped and position == {"epoch": 1, "batch": 1}
+  rest = loop.fit(restored, loader3, steps=steps3, epochs=2, batch_size=32, num_classes=K,
+                  eval_data=evaluation3, position=position)
+  assert_trees_equal(full.state, rest.state)
+  assert full.history[-1]["eval"] == rest.history[-1]["eval"]

@@ -288,9 +288,10 @@ class StreamingLoader:
       images = normalise_np(images, self.spec)
     return Batch(images, labels, mask)
 
-  def epoch_sync(self, epoch: int) -> Iterator[Batch]:
-    """This process's batches of ``epoch``, computed in the calling thread."""
-    plan = self._local(self._plan(epoch))
+  def epoch_sync(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+    """This process's batches of ``epoch`` from batch ``start`` on, computed in the calling
+    thread."""
+    plan = self._local(self._plan(epoch))[start:]
     pool = (concurrent.futures.ThreadPoolExecutor(self.num_threads)
             if self.num_threads > 0 else None)
     try:
@@ -300,10 +301,11 @@ class StreamingLoader:
       if pool is not None:
         pool.shutdown(wait=True, cancel_futures=True)
 
-  def epoch(self, epoch: int) -> PrefetchIterator:
-    """This process's batches of ``epoch``, prefetched by a background thread. Use as a
-    context manager or call ``close()`` when stopping early."""
-    plan = self._local(self._plan(epoch))
+  def epoch(self, epoch: int, start: int = 0) -> PrefetchIterator:
+    """This process's batches of ``epoch`` from batch ``start`` on (to resume mid-epoch),
+    prefetched by a background thread. Use as a context manager or call ``close()`` when
+    stopping early."""
+    plan = self._local(self._plan(epoch))[start:]
     pool = (concurrent.futures.ThreadPoolExecutor(self.num_threads)
             if self.num_threads > 0 else None)
     rows = [(epoch, ids, pool) for ids in plan]
