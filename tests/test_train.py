@@ -261,3 +261,28 @@ def test_implicit_head_gradient_matches_finite_differences_float64():
   g_full = jax.grad(loss_of)(kernel)
   g_fo = jax.grad(loss_of)(kernel, heads.HeadConfig("implicit", 3, 6, forward_only=True))
   assert float(jnp.linalg.norm(g_full - g_fo)) > 1e-8 * float(jnp.linalg.norm(g_full))
+
+
+@pytest.mark.slow
+def test_paper_resnet18_implicit_agd_steps_on_cpu():
+  """The paper's recipe end to end: ResNet18 (ImageNet stem, no-affine BN), implicit ETF, AGD."""
+  from nc_jax import optim
+  from nc_jax.config import TrainConfig
+  cfg = TrainConfig(dataset="cifar10", batch_size=16).validate()
+  model, tx = cfg.backbone(), cfg.optimizer_transform(steps_per_epoch=10)
+  head = cfg.head_config(10, 512)
+  x = jax.random.normal(jax.random.PRNGKey(0), (16, 32, 32, 3), jnp.float32)
+  y = jnp.arange(16) % 10
+  state = train.create_train_state(model, tx, head, jax.random.PRNGKey(1), x[:2],
+                                   init_params=cfg.init_params())
+  kernel = state.params["backbone"]["conv1"]["kernel"]
+  step = train.compile_train_step(None, model=model, tx=tx, head_config=head)
+  before = jax.device_get(kernel)
+  for _ in range(2):
+    state, metrics = step(state, x, y)
+  loss = float(metrics["loss_sum"]) / 16
+  assert np.isfinite(loss) and 0 < loss < 10
+  assert float(jnp.abs(state.params["backbone"]["conv1"]["kernel"] - before).max()) > 0
+  assert float(optim.agd_eta_from_state(state.opt_state)) > 0
+  assert float(nc.stiefel.orthonormality_error(state.head.frame)) < 1e-5
+  assert int(state.head.means.step) == 2
