@@ -133,7 +133,12 @@ def evaluate(eval_fn: Callable, state: train.TrainState, data: Any, batch_size: 
 
 
 def _place(idx_row, mesh):
-  return jnp.asarray(idx_row) if mesh is None else train.global_batch(idx_row, mesh)
+  """A global index row as the step's sharded input; each process passes its own slice."""
+  if mesh is None:
+    return jnp.asarray(idx_row)
+  n = jax.process_count()
+  local = np.asarray(idx_row).reshape(n, -1)[jax.process_index()]
+  return train.global_batch(local, mesh)
 
 
 def fit(state: train.TrainState, train_data: DeviceData | StreamingLoader, *,
