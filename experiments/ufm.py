@@ -1,0 +1,338 @@
+"""Unconstrained features model (UFM): the paper's synthetic experiment, and nc_jax's default job.
+
+The backbone is replaced by free features: N vectors :math:`h_i \\in \\mathbb R^d`
+(parameters, τ-normalised like the network features), K balanced classes. Every
+method trains them full batch for 2000 iterations (paper) through its
+classifier head (:mod:`nc_jax.heads`): ``standard`` (learned cosine classifier),
+``fixed`` (fixed simplex ETF), ``implicit`` (the paper's nearest-ETF layer) and
+``implicit-fo`` (its forward-only ablation). Neural-collapse metrics are
+logged every ``--eval-every`` iterations.
+
+Presets (``--preset``): ``ufm10`` is the paper's UFM-10 (K = 10, N = 1000,
+d = 512); ``ufm100``, ``ufm200``, ``ufm1000`` keep 100 features per class (the
+paper does not give N for them; K = 1000 uses d = 1024 since the ETF needs
+d ≥ K). The optimiser and step size are not in the paper: the default is Adam
+(lr 0.01), which is insensitive to the 1/N scale of per-feature gradients under
+a mean loss; SGD (``--optimizer sgd --lr ...``) and feature weight decay
+(``--feature-decay``) are flags (see BUILD_NOTES.md).
+
+Writes ``<out>/<method>/seed-<n>/{config.json, metrics.jsonl, margins.npy}``, a
+six-panel figure ``<out>/ufm.png`` (CE loss with its lower bound, average cosine
+margin, per-sample cosine margin at the end, NC1, NC3, WH-equinorm; methods
+overlaid) and prints a summary.
+
+Run: ``python -m experiments.ufm`` (about a minute on 2 CPU cores), or e.g.
+``python -m experiments.ufm --preset ufm100 --methods implicit,implicit-fo --seeds 1-3``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import sys
+import time
+from typing import Sequence
+
+METHODS = ("standard", "fixed", "implicit", "implicit-fo")
+PRESETS = {
+    "ufm10": dict(classes=10, samples_per_class=100, dim=512),
+    "ufm100": dict(classes=100, samples_per_class=100, dim=512),
+    "ufm200": dict(classes=200, samples_per_class=100, dim=512),
+    "ufm1000": dict(classes=1000, samples_per_class=100, dim=1024),
+}
+NC1_THRESHOLDS = (1e-1, 1e-2, 1e-3, 1e-4)
+
+
+@dataclasses.dataclass(frozen=True)
+class UFMConfig:
+  preset: str = "ufm10"
+  classes: int = 10
+  samples_per_class: int = 100
+  dim: int = 512
+  methods: tuple[str, ...] = ("standard", "fixed", "implicit")
+  seeds: tuple[int, ...] = (0,)
+  iterations: int = 2000
+  optimizer: str = "adam"
+  lr: float = 0.01
+  momentum: float = 0.9
+  feature_decay: float = 0.0
+  tau: float = 5.0
+  eval_every: int = 20
+  out: str = "runs/ufm"
+  quiet: bool = False
+  plot: bool = True
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+  """``"3"``, ``"1-5"`` or ``"1,4,7"``."""
+  seeds: list[int] = []
+  try:
+    for part in text.split(","):
+      if "-" in part.strip()[1:]:
+        lo, hi = part.split("-", 1)
+        seeds.extend(range(int(lo), int(hi) + 1))
+      else:
+        seeds.append(int(part))
+  except ValueError:
+    raise ValueError(f"--seeds: expected N, A-B or a comma list, got {text!r}") from None
+  if not seeds:
+    raise ValueError(f"--seeds: expected at least one seed, got {text!r}")
+  return tuple(seeds)
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m experiments.ufm",
+                              description="Unconstrained features model (paper's UFM figures).")
+  p.add_argument("--preset", choices=sorted(PRESETS), default="ufm10")
+  p.add_argument("--classes", type=int, help="K (overrides the preset)")
+  p.add_argument("--samples-per-class", type=int, help="N/K (overrides the preset)")
+  p.add_argument("--dim", type=int, help="feature dimension d (overrides the preset)")
+  p.add_argument("--methods", default="standard,fixed,implicit",
+                 help=f"comma list of {', '.join(METHODS)}")
+  p.add_argument("--seeds", default="0", help="N, A-B or a comma list")
+  p.add_argument("--iterations", type=int, default=2000)
+  p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
+  p.add_argument("--lr", type=float, default=None, help="default: 0.01 (adam), 100 (sgd)")
+  p.add_argument("--momentum", type=float, default=0.9, help="sgd only")
+  p.add_argument("--feature-decay", type=float, default=0.0,
+                 help="weight decay on the free features (official --sep_decay rate: 1e-4)")
+  p.add_argument("--tau", type=float, default=5.0)
+  p.add_argument("--eval-every", type=int, default=20)
+  p.add_argument("--out", default="runs/ufm")
+  p.add_argument("--quiet", action="store_true", help="no per-interval progress lines")
+  p.add_argument("--no-plot", action="store_true")
+  return p
+
+
+def config_from_args(argv: Sequence[str] | None = None) -> UFMConfig:
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  preset = PRESETS[args.preset]
+  methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+  bad = [m for m in methods if m not in METHODS]
+  if bad or not methods:
+    parser.error(f"--methods: expected a comma list of {', '.join(METHODS)}, got {args.methods!r}")
+  try:
+    seeds = parse_seeds(args.seeds)
+  except ValueError as err:
+    parser.error(str(err))
+  cfg = UFMConfig(
+      preset=args.preset, classes=args.classes or preset["classes"],
+      samples_per_class=args.samples_per_class or preset["samples_per_class"],
+      dim=args.dim or preset["dim"], methods=methods, seeds=seeds, iterations=args.iterations,
+      optimizer=args.optimizer,
+      lr=args.lr if args.lr is not None else (0.01 if args.optimizer == "adam" else 100.0),
+      momentum=args.momentum, feature_decay=args.feature_decay, tau=args.tau,
+      eval_every=args.eval_every, out=args.out, quiet=args.quiet, plot=not args.no_plot)
+  for name in ("classes", "samples_per_class", "dim", "iterations", "eval_every"):
+    if getattr(cfg, name) < 1:
+      parser.error(f"--{name.replace('_', '-')}: expected a positive integer, got "
+                   f"{getattr(cfg, name)}")
+  if cfg.classes < 2:
+    parser.error(f"--classes: expected K >= 2, got {cfg.classes}")
+  if cfg.dim < cfg.classes and set(methods) - {"standard"}:
+    parser.error(f"--dim: the ETF methods need d >= K, got d={cfg.dim}, K={cfg.classes}")
+  if not cfg.lr > 0 or not cfg.tau > 0 or cfg.feature_decay < 0:
+    parser.error("--lr and --tau must be positive and --feature-decay non-negative")
+  return cfg
+
+
+# --------------------------------------------------------------------------- #
+# One run
+# --------------------------------------------------------------------------- #
+
+
+def run_one(cfg: UFMConfig, method: str, seed: int, log=print) -> dict:
+  """Trains one method with one seed; returns ``{"history": [...], "margins": ndarray}``."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+
+  from nc_jax import heads, metrics
+
+  k, n, d = cfg.classes, cfg.classes * cfg.samples_per_class, cfg.dim
+  kind = "implicit" if method.startswith("implicit") else method
+  head_cfg = heads.HeadConfig(kind, num_classes=k, feature_dim=d, tau=cfg.tau,
+                              forward_only=method == "implicit-fo")
+  key_h, key_head = jax.random.split(jax.random.PRNGKey(seed))
+  labels = jnp.arange(n, dtype=jnp.int32) % k
+  params = {"features": jax.random.normal(key_h, (n, d), jnp.float32)}
+  head_params, head_state = heads.init(head_cfg, key_head)
+  params["head"] = head_params
+  if cfg.optimizer == "adam":
+    tx = optax.adam(cfg.lr)
+  else:
+    tx = optax.sgd(cfg.lr, momentum=cfg.momentum)
+  if cfg.feature_decay:
+    decay = optax.masked(optax.add_decayed_weights(cfg.feature_decay),
+                         {"features": True, "head": jax.tree.map(lambda _: False, head_params)})
+    tx = optax.chain(decay, tx)
+  opt_state = tx.init(params)
+
+  @jax.jit
+  def step(params, opt_state, head_state):
+    def objective(p):
+      h = heads.normalise_features(p["features"], cfg.tau)
+      logits, new_head = heads.train_logits(head_cfg, p["head"], head_state, h, labels)
+      return heads.loss("cross_entropy", logits, labels), new_head
+
+    (loss, new_head), grads = jax.value_and_grad(objective, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    params = {**params, "head": heads.renormalise(head_cfg, params["head"])}
+    return params, opt_state, new_head, loss
+
+  def evaluate(it, loss):
+    h = heads.normalise_features(params["features"], cfg.tau)
+    w, b = heads.classifier(head_cfg, params["head"], head_state, jnp.mean(h, axis=0))
+    m = metrics.nc_metrics(h, labels, w, b, k)
+    record = {"iteration": it, "loss": float(loss)}
+    record.update({key: m[key] for key in metrics.METRIC_KEYS})
+    return record, m["cosine_margins"]
+
+  history, t0 = [], time.perf_counter()
+  loss = float("nan")
+  for it in range(1, cfg.iterations + 1):
+    params, opt_state, head_state, loss = step(params, opt_state, head_state)
+    if it == 1 or it % cfg.eval_every == 0 or it == cfg.iterations:
+      record, margins = evaluate(it, loss)
+      record["seconds"] = time.perf_counter() - t0
+      history.append(record)
+      if not cfg.quiet and (it == 1 or it % (cfg.eval_every * 25) == 0 or it == cfg.iterations):
+        log(f"  {method:>11} seed {seed} it {it:5d}: loss {record['loss']:.4f} "
+            f"NC1 {record['nc1']:.2e} NC3 {record['nc3']:.3f} top1 {record['top1']:.1f}%")
+  return {"history": history, "margins": np.asarray(margins)}
+
+
+# --------------------------------------------------------------------------- #
+# Records, summary, figure
+# --------------------------------------------------------------------------- #
+
+
+def run_dir(cfg: UFMConfig, method: str, seed: int) -> pathlib.Path:
+  return pathlib.Path(cfg.out) / method / f"seed-{seed}"
+
+
+def save_run(cfg: UFMConfig, method: str, seed: int, result: dict) -> None:
+  import numpy as np
+  folder = run_dir(cfg, method, seed)
+  folder.mkdir(parents=True, exist_ok=True)
+  config = dataclasses.asdict(cfg) | {"method": method, "seed": seed}
+  (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+  with open(folder / "metrics.jsonl", "w") as f:
+    for record in result["history"]:
+      f.write(json.dumps(record) + "\n")
+  np.save(folder / "margins.npy", result["margins"])
+
+
+def first_iteration(history: list[dict], key: str, predicate) -> int | None:
+  for record in history:
+    if predicate(record[key]):
+      return record["iteration"]
+  return None
+
+
+def summary(cfg: UFMConfig, results: dict[str, list[dict]]) -> str:
+  """Iterations to NC1 thresholds and 100 % accuracy, and final metrics (median over seeds)."""
+  import numpy as np
+
+  from nc_jax import metrics
+  bound = metrics.ce_lower_bound(cfg.classes, cfg.tau)
+  lines = [f"UFM (K={cfg.classes}, N={cfg.classes * cfg.samples_per_class}, d={cfg.dim}, "
+           f"{cfg.iterations} iterations, {cfg.optimizer} lr={cfg.lr}, tau={cfg.tau}); "
+           f"seeds {', '.join(map(str, cfg.seeds))}; medians over seeds. CE lower bound "
+           f"{bound:.4f}."]
+  head = (["method", "it: top1=100%"] + [f"it: NC1<{t:g}" for t in NC1_THRESHOLDS] +
+          ["loss", "NC1", "NC3", "WH-eq", "avg cos margin"])
+  rows = []
+  for method, runs in results.items():
+    def med(values):
+      values = [v for v in values if v is not None]
+      if len(values) < len(runs):
+        return "–" if not values else f"{np.median(values):.0f}*"
+      return f"{np.median(values):.0f}"
+    row = [method, med([first_iteration(r["history"], "top1", lambda v: v >= 100.0)
+                        for r in runs])]
+    for t in NC1_THRESHOLDS:
+      row.append(med([first_iteration(r["history"], "nc1", lambda v, t=t: v < t) for r in runs]))
+    finals = [r["history"][-1] for r in runs]
+    for key, fmt in (("loss", ".4f"), ("nc1", ".2e"), ("nc3", ".4f"), ("wh_equinorm", ".4f"),
+                     ("avg_cosine_margin", ".4f")):
+      row.append(format(float(np.median([f[key] for f in finals])), fmt))
+    rows.append(row)
+  widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+  fmt_row = lambda r: "  ".join(str(x).rjust(w) for x, w in zip(r, widths))
+  lines += [fmt_row(head), fmt_row(["-" * w for w in widths])] + [fmt_row(r) for r in rows]
+  lines.append("('–': not reached; '*': median over the seeds that reached it.)")
+  return "\n".join(lines)
+
+
+def plot(cfg: UFMConfig, results: dict[str, list[dict]], path: pathlib.Path) -> None:
+  """Six panels, methods overlaid (median over seeds, min–max band)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  import numpy as np
+
+  from nc_jax import metrics
+  panels = [("loss", "CE loss", "log"), ("avg_cosine_margin", "average cosine margin", "linear"),
+            (None, "per-sample cosine margin (end)", "linear"), ("nc1", "NC1", "log"),
+            ("nc3", "NC3", "log"), ("wh_equinorm", "WH-equinorm", "log")]
+  fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
+  colours = {"standard": "tab:blue", "fixed": "tab:orange", "implicit": "tab:green",
+             "implicit-fo": "tab:red"}
+  for ax, (key, title, scale) in zip(axes.flat, panels):
+    for method, runs in results.items():
+      c = colours.get(method)
+      if key is None:
+        curves = np.stack([np.sort(r["margins"]) for r in runs])
+        x = np.arange(curves.shape[1])
+        xlabel = "sample rank"
+      else:
+        x = np.array([rec["iteration"] for rec in runs[0]["history"]])
+        curves = np.stack([[rec[key] for rec in r["history"]] for r in runs])
+        xlabel = "iteration"
+      ax.plot(x, np.median(curves, 0), color=c, label=method)
+      if len(runs) > 1:
+        ax.fill_between(x, curves.min(0), curves.max(0), color=c, alpha=0.2)
+    if key == "loss":
+      ax.axhline(metrics.ce_lower_bound(cfg.classes, cfg.tau), color="k", ls="--", lw=1,
+                 label="CE lower bound")
+    ax.set_yscale(scale)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.grid(alpha=0.3)
+  axes.flat[0].legend()
+  fig.suptitle(f"UFM-{cfg.classes}: N={cfg.classes * cfg.samples_per_class}, d={cfg.dim}, "
+               f"{cfg.optimizer} lr={cfg.lr}, tau={cfg.tau}, seeds {list(cfg.seeds)}")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, list[dict]]:
+  cfg = config_from_args(argv)
+  os.makedirs(cfg.out, exist_ok=True)
+  results: dict[str, list[dict]] = {}
+  for method in cfg.methods:
+    for seed in cfg.seeds:
+      if not cfg.quiet:
+        print(f"{method} seed {seed}:", flush=True)
+      result = run_one(cfg, method, seed, log=lambda s: print(s, flush=True))
+      save_run(cfg, method, seed, result)
+      results.setdefault(method, []).append(result)
+  print(summary(cfg, results))
+  if cfg.plot:
+    path = pathlib.Path(cfg.out) / "ufm.png"
+    plot(cfg, results, path)
+    print(f"figure: {path}")
+  print(f"records: {cfg.out}/<method>/seed-<n>/metrics.jsonl")
+  return results
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
