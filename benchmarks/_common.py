@@ -157,6 +157,34 @@ def compile_jit(fn: Callable[..., Any], *args) -> Compiled:
   return Compiled(compiled, compile_s, compiled_memory_bytes(compiled))
 
 
+def compile_jitted(jitted: Any, *args) -> Compiled:
+  """``jitted.lower(*args).compile()`` for an existing ``jax.jit`` object (keeps its
+  shardings and donation), timed like :func:`compile_jit`."""
+  start = time.perf_counter()
+  compiled = jitted.lower(*args).compile()
+  compile_s = time.perf_counter() - start
+  return Compiled(compiled, compile_s, compiled_memory_bytes(compiled))
+
+
+def compiled_flops(compiled) -> float | None:
+  """XLA's floating-point operation count of one call of an executable, or ``None``.
+
+  From ``cost_analysis()`` (a dict, or a list of one dict per executable in older
+  jaxlib). XLA counts what it compiled (e.g. a multiply-add as 2 FLOPs, after its
+  own simplifications), so it can differ from a hand count of the model.
+  """
+  try:
+    analysis = compiled.cost_analysis()
+  except Exception:  # noqa: BLE001 — not implemented on every backend
+    return None
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else None
+  if not analysis:
+    return None
+  flops = analysis.get("flops")
+  return float(flops) if flops is not None and flops > 0 else None
+
+
 def compiled_memory_bytes(compiled) -> int | None:
   """XLA's static memory estimate of an executable: temp + argument + output − alias bytes."""
   try:
@@ -225,11 +253,13 @@ class RepeatPolicy:
   repeats: int | None = None
   target_s: float = 2.0
   max_repeats: int = 50
+  min_repeats: int = 1  # floor of the adaptive count (a median of 1 call is fragile)
 
   def count(self, warmup_s: float) -> int:
     if self.repeats is not None:
       return max(1, int(self.repeats))
-    return int(min(self.max_repeats, max(1, math.floor(self.target_s / max(warmup_s, 1e-9)))))
+    adaptive = math.floor(self.target_s / max(warmup_s, 1e-9))
+    return int(min(self.max_repeats, max(1, self.min_repeats, adaptive)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,6 +303,92 @@ def time_calls(fn: Callable[..., Any], args: Sequence[Any],
     del result  # free before the next call
     samples.append(elapsed)
   return Timing(tuple(samples)), out
+
+
+@dataclasses.dataclass(frozen=True)
+class StepTiming:
+  """Timing of a state-carrying step ``fn(state, *args) -> (state, aux)``.
+
+  Attributes:
+    timing: the timed calls, each blocked on (:class:`Timing`).
+    warmup_s: wall-clock seconds of the warm-up calls (the first includes
+      first-call effects; later ones bring the state to a steady state).
+    back_to_back_s: mean seconds per call of ``timing.repeats`` further calls
+      dispatched back to back with one block at the end (host dispatch
+      overlapping device work, as in a training loop); ``None`` if not measured.
+    warmup_device_peak: :class:`DevicePeak` of the warm-up calls (``None``
+      without device memory statistics, e.g. on CPU).
+  """
+  timing: Timing
+  warmup_s: tuple[float, ...]
+  back_to_back_s: float | None
+  warmup_device_peak: DevicePeak | None = None
+
+
+def time_state_steps_interleaved(
+    steps: Sequence[tuple[Callable[..., Any], Any, Sequence[Any]]], policy: RepeatPolicy,
+    warmup_calls: int = 1, back_to_back: bool = True) -> tuple[list[StepTiming], list[Any]]:
+  """Times several steps that consume their state (e.g. donate it) and return the next one.
+
+  ``steps``: ``(fn, state, args)`` triples, ``fn(state, *args) -> (state, aux)``. Each
+  step first gets ``warmup_calls`` calls of its own (under a device-peak tracker).
+  Then ``policy.count(mean last warm-up time)`` rounds in which every step is called
+  once, in turn, the first step rotating (A B C, B C A, C A B, …), each call ended by
+  ``jax.block_until_ready`` on its outputs (the new state included): slow drifts of
+  the machine (clocks, neighbours) then affect every step alike, and ratios between
+  them are more reliable than from consecutive blocks of calls. Then, optionally,
+  each step alone for as many calls back to back. Every state is threaded through
+  its calls, so a donated state is never reused.
+
+  Returns:
+    One :class:`StepTiming` per step, and the final states.
+  """
+  states = [state for _, state, _ in steps]
+  warmups, peaks = [], []
+  for i, (fn, _, args) in enumerate(steps):
+    times = []
+    with DevicePeakTracker() as peak:
+      for _ in range(max(1, int(warmup_calls))):
+        elapsed, (states[i], _) = _timed_call(fn, (states[i], *args))
+        times.append(elapsed)
+    warmups.append(tuple(times))
+    peaks.append(peak.result)
+  rounds = policy.count(statistics.fmean(w[-1] for w in warmups))
+  samples = [[] for _ in steps]
+  n = len(steps)
+  for r in range(rounds):
+    for j in range(n):
+      i = (r + j) % n  # rotate the starting step each round: no fixed position in the order
+      fn, _, args = steps[i]
+      elapsed, (states[i], _) = _timed_call(fn, (states[i], *args))
+      samples[i].append(elapsed)
+  per_call = [None] * len(steps)
+  if back_to_back:
+    for i, (fn, _, args) in enumerate(steps):
+      state = states[i]
+      start = time.perf_counter()
+      for _ in range(rounds):
+        state, aux = fn(state, *args)
+      states[i], _ = jax.block_until_ready((state, aux))
+      per_call[i] = (time.perf_counter() - start) / rounds
+  timings = [StepTiming(Timing(tuple(samples[i])), warmups[i], per_call[i], peaks[i])
+             for i in range(len(steps))]
+  return timings, states
+
+
+def time_state_steps(fn: Callable[..., Any], state: Any, args: Sequence[Any],
+                     policy: RepeatPolicy, warmup_calls: int = 1,
+                     back_to_back: bool = True) -> tuple[StepTiming, Any]:
+  """:func:`time_state_steps_interleaved` for one step: ``warmup_calls`` calls, then
+  ``policy.count(last warm-up time)`` timed calls, each blocked on, then optionally as
+  many back to back.
+
+  Returns:
+    The timing and the final state.
+  """
+  (timing,), (state,) = time_state_steps_interleaved([(fn, state, args)], policy,
+                                                     warmup_calls, back_to_back)
+  return timing, state
 
 
 # --------------------------------------------------------------------------- #

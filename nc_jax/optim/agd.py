@@ -294,29 +294,33 @@ def agd_init(params: Any, key: jax.Array, *, torch_layout: LayoutFn | None = Non
   differs from PyTorch's; the distribution is the same.
   """
   _, flags, _ = _check_tree(params, torch_layout)
-  return _agd_init(params, key, tuple(flags))
-
-
-@functools.partial(jax.jit, static_argnums=2)
-def _agd_init(params: Any, key: jax.Array, flags: tuple[bool, ...]) -> Any:
-  # One compiled program, and one Gaussian draw for all leaves (each threefry draw costs
-  # ~0.5 s of XLA compile time on CPU), cut per leaf in flatten order.
   flat, treedef = jax.tree_util.tree_flatten(params)
   shapes = [tuple(jnp.shape(x)) for x in flat]
   sizes = [math.prod(s) for s in shapes]
-  z = jax.random.normal(key, (sum(sizes),), _acc_dtype(flat))
+  # One Gaussian draw for all leaves (each threefry draw costs ~0.5 s of XLA compile time
+  # on CPU), cut per leaf in flatten order. The QRs then run as one small program per leaf
+  # shape: many independent batched QRs in a single CPU program can deadlock XLA's
+  # concurrency-optimised scheduler (seen with ResNet18's 20 kernels, jax 0.10.2).
+  z = _gaussian(key, sum(sizes), _acc_dtype(flat))
   out, offset = [], 0
   for x, shape, size, flag in zip(flat, shapes, sizes, flags):
-    dtype = jnp.result_type(x)
-    lay = _layout(shape, flag)
-    a = z[offset:offset + size].reshape(
-        lay.n_spatial, max(lay.n_in, lay.n_out), min(lay.n_in, lay.n_out)).astype(dtype)
+    out.append(_init_leaf(z[offset:offset + size], shape, jnp.result_type(x), flag))
     offset += size
-    w = _orthogonal_slices(a, lay.n_out, lay.n_in)  # (S, out, in)
-    w = w * jnp.asarray(agd_singular_value(shape, flag), dtype)
-    if flag:  # (out, in, *spatial)
-      w = jnp.moveaxis(w, 0, -1).reshape(shape)
-    else:  # (*spatial, in, out)
-      w = jnp.swapaxes(w, -1, -2).reshape(shape)
-    out.append(w)
   return jax.tree_util.tree_unflatten(treedef, out)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _gaussian(key: jax.Array, size: int, dtype) -> jax.Array:
+  return jax.random.normal(key, (size,), dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _init_leaf(z: jax.Array, shape: tuple[int, ...], dtype, flag: bool) -> jax.Array:
+  """One leaf of :func:`agd_init` from its share ``z`` of the Gaussian draw."""
+  lay = _layout(shape, flag)
+  a = z.reshape(lay.n_spatial, max(lay.n_in, lay.n_out), min(lay.n_in, lay.n_out)).astype(dtype)
+  w = _orthogonal_slices(a, lay.n_out, lay.n_in)  # (S, out, in)
+  w = w * jnp.asarray(agd_singular_value(shape, flag), dtype)
+  if flag:  # (out, in, *spatial)
+    return jnp.moveaxis(w, 0, -1).reshape(shape)
+  return jnp.swapaxes(w, -1, -2).reshape(shape)  # (*spatial, in, out)
