@@ -396,6 +396,22 @@ def time_state_steps(fn: Callable[..., Any], state: Any, args: Sequence[Any],
 # --------------------------------------------------------------------------- #
 
 
+def fmt_num(x: float) -> str:
+  """Three significant digits without exponent for x ≥ 1e-3, grouped thousands."""
+  if x >= 100:
+    return f"{x:,.0f}"
+  if x >= 10:
+    return f"{x:.1f}"
+  if x >= 1:
+    return f"{x:.2f}"
+  return f"{x:.3f}"
+
+
+def fmt_mib(nbytes: int | None) -> str:
+  """Bytes as MiB for a table cell; "–" when unknown."""
+  return "–" if nbytes is None else fmt_num(nbytes / MIB)
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]],
                    right_align_from: int = 0) -> str:
   """A GitHub Markdown table; columns from ``right_align_from`` on are right-aligned."""

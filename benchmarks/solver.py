@@ -334,23 +334,14 @@ def _gib(nbytes: float) -> str:
   return f"{gib:,.0f} GiB" if gib >= 100 else f"{gib:.1f} GiB"
 
 
-def _num(x: float) -> str:
-  """Three significant digits without exponent for x ≥ 1e-3, grouped thousands."""
-  if x >= 100:
-    return f"{x:,.0f}"
-  if x >= 10:
-    return f"{x:.1f}"
-  if x >= 1:
-    return f"{x:.2f}"
-  return f"{x:.3f}"
+_num = common.fmt_num
 
 
 def _ms(m: Measurement | None) -> str:
   return "–" if m is None else _num(1e3 * m.timing.median_s)
 
 
-def _mib(nbytes: int | None) -> str:
-  return "–" if nbytes is None else _num(nbytes / common.MIB)
+_mib = common.fmt_mib
 
 
 def _device_peak(m: Measurement | None) -> str:

@@ -509,23 +509,14 @@ def _log(msg: str) -> None:
   print(msg, file=sys.stderr, flush=True)
 
 
-def _num(x: float) -> str:
-  """Three significant digits without exponent for x ≥ 1e-3, grouped thousands."""
-  if x >= 100:
-    return f"{x:,.0f}"
-  if x >= 10:
-    return f"{x:.1f}"
-  if x >= 1:
-    return f"{x:.2f}"
-  return f"{x:.3f}"
+_num = common.fmt_num
 
 
 def _ms(seconds: float | None) -> str:
   return "–" if seconds is None else _num(1e3 * seconds)
 
 
-def _mib(nbytes: int | None) -> str:
-  return "–" if nbytes is None else _num(nbytes / common.MIB)
+_mib = common.fmt_mib
 
 
 def _peak(m: StepMeasurement) -> str:
