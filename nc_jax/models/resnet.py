@@ -65,11 +65,8 @@ STEMS = ("imagenet", "cifar")
 BLOCKS = ("basic", "bottleneck")
 
 
-class BasicBlock(nn.Module):
-  """Two 3×3 convs (stride on the first) + shortcut; output channels = ``features``.
-
-  ``(N, H, W, C_in) -> (N, ceil(H/strides), ceil(W/strides), features)``.
-  """
+class _Block(nn.Module):
+  """Fields shared by the residual blocks (``features``: width of the block's convs)."""
 
   features: int
   strides: int = 1
@@ -77,6 +74,13 @@ class BasicBlock(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   bn_axis_name: str | None = None
+
+
+class BasicBlock(_Block):
+  """Two 3×3 convs (stride on the first) + shortcut; output channels = ``features``.
+
+  ``(N, H, W, C_in) -> (N, ceil(H/strides), ceil(W/strides), features)``.
+  """
 
   expansion: ClassVar[int] = 1
 
@@ -91,18 +95,11 @@ class BasicBlock(nn.Module):
     return nn.relu(out + _shortcut(self, x, self.features, train))
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_Block):
   """1×1 → 3×3 (stride here: v1.5) → 1×1 convs + shortcut; output ``4·features`` channels.
 
   ``(N, H, W, C_in) -> (N, ceil(H/strides), ceil(W/strides), 4·features)``.
   """
-
-  features: int
-  strides: int = 1
-  affine: bool = True
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  bn_axis_name: str | None = None
 
   expansion: ClassVar[int] = 4
 
