@@ -8,6 +8,7 @@ backend or version lacks them.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime
 import math
@@ -394,6 +395,19 @@ def time_state_steps(fn: Callable[..., Any], state: Any, args: Sequence[Any],
 # --------------------------------------------------------------------------- #
 # Output
 # --------------------------------------------------------------------------- #
+
+
+def comma_choices(choices: Sequence[str], noun: str = "name"):
+  """An argparse ``type``: a comma-separated, non-empty subset of ``choices``."""
+
+  def parse(text: str) -> tuple[str, ...]:
+    names = tuple(v.strip() for v in text.split(",") if v.strip())
+    unknown = [v for v in names if v not in choices]
+    if unknown or not names:
+      raise argparse.ArgumentTypeError(f"unknown {noun}(s) {unknown}; choose from {list(choices)}")
+    return names
+
+  return parse
 
 
 def fmt_num(x: float) -> str:

@@ -412,12 +412,7 @@ def parse_sizes(text: str) -> tuple[tuple[int, int], ...]:
   return tuple(sizes)
 
 
-def parse_variants(text: str) -> tuple[str, ...]:
-  names = tuple(v.strip() for v in text.split(",") if v.strip())
-  unknown = [v for v in names if v not in VARIANTS]
-  if unknown or not names:
-    raise argparse.ArgumentTypeError(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
-  return names
+parse_variants = common.comma_choices(tuple(VARIANTS), "variant")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -645,16 +645,6 @@ def _int_list(text: str) -> tuple[int, ...]:
   return values
 
 
-def _names(choices: Sequence[str]):
-  def parse(text: str) -> tuple[str, ...]:
-    names = tuple(v.strip() for v in text.split(",") if v.strip())
-    unknown = [v for v in names if v not in choices]
-    if unknown or not names:
-      raise argparse.ArgumentTypeError(f"unknown name(s) {unknown}; choose from {list(choices)}")
-    return names
-  return parse
-
-
 def _devices(text: str) -> str | int:
   if text == "all":
     return text
@@ -683,9 +673,11 @@ def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="python -m benchmarks.train_step",
       description="Train-step time per head, bf16 throughput and input-pipeline throughput.")
-  parser.add_argument("--sections", type=_names(SECTIONS), default=SECTIONS,
+  parser.add_argument("--sections", type=common.comma_choices(SECTIONS, "section"),
+                      default=SECTIONS,
                       help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
-  parser.add_argument("--heads", type=_names(tuple(HEAD_VARIANTS)), default=DEFAULT_HEADS,
+  parser.add_argument("--heads", type=common.comma_choices(tuple(HEAD_VARIANTS), "head"),
+                      default=DEFAULT_HEADS,
                       help=f"comma-separated subset of {','.join(HEAD_VARIANTS)} "
                            f"(default: {','.join(DEFAULT_HEADS)})")
   parser.add_argument("--batches", type=_int_list, default=None,
