@@ -8,6 +8,10 @@ Because the data order is a pure function of the run key and the epoch, this is
 enough for a killed and resumed run to end bitwise equal (on CPU) to an
 uninterrupted one.
 
+Orbax cannot write zero-size arrays (the standard head keeps empty placeholders
+for state it does not use): they are saved as one-element stand-ins and
+restored from the template's shape.
+
 Checkpoints are indexed by the global step. Saving is asynchronous inside
 Orbax; :meth:`Checkpointer.close` (or leaving the ``with`` block) waits for it.
 """
@@ -20,7 +24,17 @@ import threading
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
+
+
+def _is_empty(x: Any) -> bool:
+  return hasattr(x, "shape") and hasattr(x, "dtype") and 0 in tuple(x.shape)
+
+
+def _fill_empty(tree: Any) -> Any:
+  """Zero-size leaves → one-element stand-ins (Orbax refuses zero-size arrays)."""
+  return jax.tree.map(lambda x: jnp.zeros((1,), x.dtype) if _is_empty(x) else x, tree)
 
 
 class Checkpointer:
@@ -41,7 +55,7 @@ class Checkpointer:
   def save(self, step: int, state: Any, position: dict[str, Any]) -> None:
     """Saves ``state`` and the JSON-serialisable ``position`` under ``step``."""
     self._manager.save(int(step), args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), position=ocp.args.JsonSave(dict(position))),
+        state=ocp.args.StandardSave(_fill_empty(state)), position=ocp.args.JsonSave(dict(position))),
         force=True)
 
   def latest_step(self) -> int | None:
@@ -56,10 +70,11 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise ValueError(f"directory: no checkpoint to restore in {self.directory}")
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _fill_empty(template))
     out = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), position=ocp.args.JsonRestore()))
-    return out["state"], dict(out["position"])
+    state = jax.tree.map(lambda t, x: t if _is_empty(t) else x, template, out["state"])
+    return state, dict(out["position"])
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

@@ -78,16 +78,19 @@ def test_fit_runs_epochs_and_reports(tmp_path):
   assert int(out.state.step) == 9
 
 
-@pytest.mark.parametrize("stop_after", [2, 3, 5])
-def test_resume_equals_uninterrupted_bitwise(tmp_path, stop_after):
-  state, steps, data = make_run()
+@pytest.mark.parametrize("stop_after, kind", [(2, "implicit"), (3, "implicit"),
+                                              (5, "implicit"), (4, "standard"), (4, "fixed")])
+def test_resume_equals_uninterrupted_bitwise(tmp_path, stop_after, kind):
+  # The standard and fixed heads keep zero-size placeholder state, which Orbax cannot
+  # write as such.
+  state, steps, data = make_run(kind)
   full = run(state, steps, data)
-  state2, steps2, data2 = make_run()
+  state2, steps2, data2 = make_run(kind)
   with Checkpointer(tmp_path / "ck") as ck:
     part = run(state2, steps2, data2, checkpointer=ck, max_steps=stop_after)
     assert part.stopped
     # A new process: fresh template, restore, continue.
-    template, steps3, data3 = make_run()
+    template, steps3, data3 = make_run(kind)
     restored, position = ck.restore(template)
   assert position == part.position and int(restored.step) == stop_after
   rest = run(restored, steps3, data3, position=position)

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# One prepared accelerator session (issue #5), sized for a 15-minute device lease:
+#   1. the performance report (benchmarks/perf_report.py: solver vs dense DDN, head step
+#      ratios on the paper's ResNet18, CIFAR-stem bf16 throughput, a timed FashionMNIST epoch),
+#      on a quiet GPU;
+#   2. FashionMNIST with the paper's recipe (ResNet18 ImageNet stem, AGD gain 10, batch 256,
+#      tau 5, stratified batches for implicit), 3 methods x 3 seeds, EPOCHS epochs, the nine
+#      runs side by side on the one GPU (each run is launch-bound at this image size).
+# Everything lands in $OUT (default ./gpu_out) as report.md, session.log and runs.tgz.
+#
+# Usage (repository root; FashionMNIST IDX files in $DATA):
+#   DATA=/usr/share/datasets/fashion-mnist EPOCHS=30 bash benchmarks/gpu_session.sh
+set -u
+OUT=${OUT:-gpu_out}
+DATA=${DATA:-/usr/share/datasets/fashion-mnist}
+EPOCHS=${EPOCHS:-30}
+PERF_TIMEOUT=${PERF_TIMEOUT:-260}
+RUNS_TIMEOUT=${RUNS_TIMEOUT:-270}
+WORK=${WORK:-/tmp/nc_jax_gpu}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+mkdir -p "$OUT" "$WORK/logs"
+exec > >(tee "$OUT/session.log") 2>&1
+
+date -u
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+python3 -c "import jax, flax, optax, sys; print(sys.version.split()[0], 'jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
+
+# 1. Performance report on a quiet GPU.
+t0=$(date +%s)
+timeout "$PERF_TIMEOUT" python3 -m benchmarks.perf_report --out "$WORK/perf" --timeout 150 \
+  --step-args "--batches 256 --classes 10,100 --sections heads,throughput" \
+  --epoch-args "--source idx --data-path $DATA" || echo "perf_report exit $?"
+echo "perf report: $(( $(date +%s) - t0 )) s"
+cp "$WORK/perf/report.md" "$OUT/report.md" 2>/dev/null || true
+
+# 2. FashionMNIST, 3 methods x 3 seeds, concurrently (no preallocation: nine processes share
+#    the GPU's memory).
+t0=$(date +%s)
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+pids=()
+for method in standard fixed implicit; do
+  for seed in 1 2 3; do
+    timeout "$RUNS_TIMEOUT" python3 -m experiments.fashion_mnist --method "$method" \
+      --seed "$seed" --epochs "$EPOCHS" --source idx --data-path "$DATA" --nc-every 5 \
+      --checkpoint-every 1000 --keep 1 --quiet --no-plot --out "$WORK/runs" \
+      > "$WORK/logs/$method-$seed.log" 2>&1 &
+    pids+=($!)
+  done
+done
+for p in "${pids[@]}"; do wait "$p" || echo "run pid $p exit $?"; done
+echo "fashion_mnist runs: $(( $(date +%s) - t0 )) s"
+tail -n 2 "$WORK"/logs/*.log
+
+tar czf "$OUT/runs.tgz" --exclude=checkpoints --exclude=epoch_runs -C "$WORK" runs logs perf
+date -u

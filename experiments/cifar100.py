@@ -1,0 +1,17 @@
+"""``python -m experiments.cifar100``: CIFAR100 (K = 100: stratified batches still hold every class).
+
+The paper's recipe with every field a flag; see :mod:`experiments.image` for the run
+folders, sweeps and resumption, and ``python -m experiments.cifar100 --help`` for the flags.
+"""
+
+from experiments import image
+
+EXPERIMENT = "cifar100"
+
+
+def main(argv=None):
+  return image.main(EXPERIMENT, argv)
+
+
+if __name__ == "__main__":
+  image.cli(EXPERIMENT)

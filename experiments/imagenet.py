@@ -1,0 +1,17 @@
+"""``python -m experiments.imagenet``: ImageNet (K = 1000, streamed from tfds with host augmentation; stratification impossible at batch 256).
+
+The paper's recipe with every field a flag; see :mod:`experiments.image` for the run
+folders, sweeps and resumption, and ``python -m experiments.imagenet --help`` for the flags.
+"""
+
+from experiments import image
+
+EXPERIMENT = "imagenet"
+
+
+def main(argv=None):
+  return image.main(EXPERIMENT, argv)
+
+
+if __name__ == "__main__":
+  image.cli(EXPERIMENT)

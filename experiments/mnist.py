@@ -1,0 +1,17 @@
+"""``python -m experiments.mnist``: MNIST (the paper's released scripts: ResNet18, AGD, 200 epochs, seeds 1-3; the paper reports 5 seeds).
+
+The paper's recipe with every field a flag; see :mod:`experiments.image` for the run
+folders, sweeps and resumption, and ``python -m experiments.mnist --help`` for the flags.
+"""
+
+from experiments import image
+
+EXPERIMENT = "mnist"
+
+
+def main(argv=None):
+  return image.main(EXPERIMENT, argv)
+
+
+if __name__ == "__main__":
+  image.cli(EXPERIMENT)

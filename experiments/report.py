@@ -1,0 +1,687 @@
+"""Multi-seed report for the image experiments: tables, CSV and figures from run folders.
+
+Reads the run folders written by the image experiment runner,
+``<experiment>/<method>/seed-<n>/`` with ``config.json``, ``metrics.jsonl`` (one
+JSON object per finished epoch), and optionally ``margins.npy`` (per-sample
+train cosine margins at the end of training) and ``done.json`` (present iff
+the run finished). Unfinished runs are aggregated too, and listed as such.
+Seed folders without ``metrics.jsonl`` are skipped with a warning.
+
+For each experiment folder it writes (into the folder itself, or ``--out``):
+
+* ``report.md``: configuration (dataset, model, optimiser, batch size, epochs,
+  seeds, machine, versions), then three tables, each statistic as
+  "median [min, max]" and "mean ± std" over seeds: top-1 accuracy at chosen
+  epochs (train = running mean over the epoch's augmented batches, and test);
+  final neural-collapse metrics (the last NC epoch of each run, train and test
+  NC passes); convergence (epochs and wall seconds to 100 % train top-1 and to
+  train NC1 below 1e-1, 1e-2, 1e-3, with the number of seeds that got there).
+* ``report.csv``: the same numbers in long format, one row per
+  (table, method, metric, split, epoch).
+* ``metrics.png``: metrics against epoch, methods overlaid (median over seeds,
+  min–max band); ``margins.png``: the sorted per-sample cosine margin at the
+  end of training against normalised sample rank.
+
+Run: ``python -m experiments.report runs/fashion_mnist`` or e.g.
+``python -m experiments.report runs/cifar10 runs/cifar100 --epochs 50,100,200 --out reports``
+(with several folders and ``--out``, each report goes to ``<out>/<folder name>/``).
+The Markdown is printed unless ``--quiet``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import pathlib
+import sys
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+METHODS = ("standard", "fixed", "implicit", "implicit-fo")
+COLOURS = {"standard": "tab:blue", "fixed": "tab:orange", "implicit": "tab:green",
+           "implicit-fo": "tab:red"}
+#: NC metrics of the final-NC table (``top1`` there is the un-augmented NC-pass accuracy).
+NC_KEYS = ("top1", "nc1", "nc2_etf", "nc2_equinorm_w", "wh_equinorm", "nc3", "ncc_mismatch",
+           "avg_cosine_margin")
+NC1_THRESHOLDS = (1e-1, 1e-2, 1e-3)
+# The running-mean accuracy is a float average of per-batch percentages: allow rounding.
+FULL_TOP1 = 100.0 - 1e-6
+CSV_COLUMNS = ("table", "method", "metric", "split", "epoch", "n", "median", "min", "max", "mean",
+               "std", "total")
+EXPECTED = "<dir>/<method>/seed-<n>/metrics.jsonl"
+#: (key, title, y scale) of the panels of ``metrics.png``.
+PANELS = (
+    ("train_top1", "train top-1 (%, augmented running mean)", "linear"),
+    ("test_top1", "test top-1 (%)", "linear"),
+    ("train_loss", "train loss", "log"),
+    ("nc_train_nc1", "NC1 (train)", "log"),
+    ("nc_test_nc1", "NC1 (test)", "log"),
+    ("nc_train_nc2_etf", "NC2: distance to ETF (train)", "log"),
+    ("nc_train_nc3", "NC3 (train)", "log"),
+    ("nc_train_wh_equinorm", "WH-equinorm (train)", "log"),
+    ("nc_train_avg_cosine_margin", "average cosine margin (train)", "linear"),
+)
+
+
+@dataclasses.dataclass
+class Run:
+  """One run folder: its config, per-epoch records, end-of-training margins and done marker."""
+  method: str
+  seed: int
+  path: pathlib.Path
+  config: dict
+  records: list[dict]
+  margins: np.ndarray | None = None
+  done: dict | None = None
+
+  @property
+  def finished(self) -> bool:
+    return self.done is not None
+
+  @property
+  def last_epoch(self) -> int:
+    return int(self.records[-1]["epoch"]) if self.records else 0
+
+  @property
+  def planned_epochs(self) -> int | None:
+    """Epochs the run was configured for (``done.json``, else ``train_config.epochs``)."""
+    for source in (self.done or {}, _train_config(self.config), self.config):
+      if isinstance(source.get("epochs"), int):
+        return source["epochs"]
+    return None
+
+  def record(self, epoch: int) -> dict | None:
+    for rec in self.records:
+      if rec["epoch"] == epoch:
+        return rec
+    return None
+
+
+# --------------------------------------------------------------------------- #
+# Loading
+# --------------------------------------------------------------------------- #
+
+
+def _warn_stderr(message: str) -> None:
+  print(f"warning: {message}", file=sys.stderr)
+
+
+def _train_config(config: dict) -> dict:
+  tc = config.get("train_config")
+  return tc if isinstance(tc, dict) else {}
+
+
+def method_order(method: str) -> tuple:
+  """Sort key: the paper's methods in their usual order, then others alphabetically."""
+  return (METHODS.index(method), "") if method in METHODS else (len(METHODS), method)
+
+
+def _read_json(path: pathlib.Path, warn: Callable[[str], None]) -> dict | None:
+  try:
+    value = json.loads(path.read_text())
+  except (OSError, ValueError) as err:
+    warn(f"{path}: unreadable ({err}); ignored")
+    return None
+  if not isinstance(value, dict):
+    warn(f"{path}: expected a JSON object; ignored")
+    return None
+  return value
+
+
+def read_records(path: pathlib.Path, warn: Callable[[str], None] = _warn_stderr) -> list[dict]:
+  """The per-epoch records of a ``metrics.jsonl``, sorted by epoch.
+
+  Bad lines (e.g. a half-written last line of a running job) are skipped with a
+  warning. A resumed run may log an epoch twice; the later record wins.
+  """
+  by_epoch: dict[int, dict] = {}
+  for i, line in enumerate(path.read_text().splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      rec = json.loads(line)
+    except ValueError:
+      warn(f"{path}:{i}: not JSON; line skipped")
+      continue
+    if not isinstance(rec, dict) or not isinstance(rec.get("epoch"), int):
+      warn(f"{path}:{i}: expected an object with an integer 'epoch'; line skipped")
+      continue
+    by_epoch[rec["epoch"]] = rec
+  return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def load_run(folder: pathlib.Path, method: str,
+             warn: Callable[[str], None] = _warn_stderr) -> Run | None:
+  """One ``<method>/seed-<n>`` folder, or ``None`` (with a warning) if it holds no run."""
+  metrics = folder / "metrics.jsonl"
+  if not metrics.is_file():
+    warn(f"{folder}: no metrics.jsonl; skipped")
+    return None
+  config = (_read_json(folder / "config.json", warn) if (folder / "config.json").exists()
+            else None) or {}
+  try:
+    seed = int(folder.name[len("seed-"):])
+  except ValueError:
+    if not isinstance(config.get("seed"), int):
+      warn(f"{folder}: cannot tell the seed (folder name or config.json 'seed'); skipped")
+      return None
+    seed = config["seed"]
+  margins = None
+  if (folder / "margins.npy").exists():
+    try:
+      margins = np.asarray(np.load(folder / "margins.npy"), dtype=np.float64).reshape(-1)
+    except (OSError, ValueError) as err:
+      warn(f"{folder / 'margins.npy'}: unreadable ({err}); ignored")
+  done = _read_json(folder / "done.json", warn) if (folder / "done.json").exists() else None
+  return Run(method=method, seed=seed, path=folder, config=config,
+             records=read_records(metrics, warn), margins=margins, done=done)
+
+
+def load_runs(folder: str | pathlib.Path,
+              warn: Callable[[str], None] = _warn_stderr) -> dict[str, list[Run]]:
+  """All runs under ``folder``: ``{method: [Run, ...]}``, methods in report order, seeds sorted.
+
+  Only ``<folder>/<method>/seed-*`` directories are looked at, so reports,
+  figures and other files in the experiment folder are ignored.
+  """
+  folder = pathlib.Path(folder)
+  runs: dict[str, list[Run]] = {}
+  for method_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
+    for seed_dir in sorted(p for p in method_dir.glob("seed-*") if p.is_dir()):
+      run = load_run(seed_dir, method_dir.name, warn)
+      if run is not None:
+        runs.setdefault(method_dir.name, []).append(run)
+  return {m: sorted(runs[m], key=lambda r: r.seed) for m in sorted(runs, key=method_order)}
+
+
+# --------------------------------------------------------------------------- #
+# Statistics and tables
+# --------------------------------------------------------------------------- #
+
+
+def _value(v: Any) -> float | None:
+  """A finite-or-infinite number as float; ``None`` for missing, NaN and non-numbers."""
+  if isinstance(v, bool) or not isinstance(v, (int, float, np.number)):
+    return None
+  v = float(v)
+  return None if math.isnan(v) else v
+
+
+def stats(values: Iterable[Any]) -> dict[str, float | int | None]:
+  """``n, median, min, max, mean, std`` of the values, ignoring ``None`` and NaN.
+
+  ``std`` is the sample standard deviation (ddof=1), 0 for one value; with no
+  values every statistic is ``None``.
+  """
+  xs = [x for x in map(_value, values) if x is not None]
+  if not xs:
+    return dict(n=0, median=None, min=None, max=None, mean=None, std=None)
+  a = np.asarray(xs, dtype=np.float64)
+  return dict(n=len(xs), median=float(np.median(a)), min=float(a.min()), max=float(a.max()),
+              mean=float(a.mean()), std=float(a.std(ddof=1)) if len(xs) > 1 else 0.0)
+
+
+def first_reach(records: Sequence[dict], key: str,
+                predicate: Callable[[float], bool]) -> tuple[int, float | None] | None:
+  """``(epoch, elapsed seconds)`` of the first record whose ``key`` satisfies ``predicate``.
+
+  Records without the key, or with NaN, are passed over; ``None`` if never reached.
+  """
+  for rec in records:
+    v = _value(rec.get(key))
+    if v is not None and predicate(v):
+      return rec["epoch"], _value(rec.get("elapsed"))
+  return None
+
+
+def default_epochs(runs: dict[str, list[Run]]) -> list[int]:
+  """The last epoch and up to 3 evenly spaced earlier ones (e.g. 50, 100, 150, 200) that exist."""
+  present = {rec["epoch"] for rs in runs.values() for r in rs for rec in r.records}
+  if not present:
+    return []
+  last = max(present)
+  return sorted({e for e in ((last * i + 2) // 4 for i in range(1, 5)) if e in present})
+
+
+def convergence_criteria() -> list[tuple[str, str, str, Callable[[float], bool]]]:
+  """``(name, label, key, predicate)`` of the convergence table's rows."""
+  out = [("train_top1_100", "train top-1 = 100 % (augmented running mean)", "train_top1",
+          lambda v: v >= FULL_TOP1),
+         ("nc_train_top1_100", "train top-1 = 100 % (NC pass, un-augmented)", "nc_train_top1",
+          lambda v: v >= FULL_TOP1)]
+  for t in NC1_THRESHOLDS:
+    out.append((f"nc1_below_{t:.0e}", f"train NC1 < {t:.0e}", "nc_train_nc1",
+                lambda v, t=t: v < t))
+  return out
+
+
+def _last_nc_record(run: Run, split: str) -> dict | None:
+  prefix = f"nc_{split}_"
+  for rec in reversed(run.records):
+    if any(k.startswith(prefix) for k in rec):
+      return rec
+  return None
+
+
+def _row(table: str, method: str, metric: str, split: str, epoch: Any, values: list,
+         total: int) -> dict:
+  return dict(table=table, method=method, metric=metric, split=split, epoch=epoch,
+              **stats(values), total=total)
+
+
+def report_tables(runs: dict[str, list[Run]], epochs: Sequence[int]) -> list[dict]:
+  """All table rows (dicts with the :data:`CSV_COLUMNS` keys).
+
+  Tables: ``top1`` (``train_top1``/``test_top1`` at each chosen epoch; runs
+  without that epoch are left out, so ``n`` < ``total``), ``final_nc`` (each
+  run's last NC epoch; ``epoch`` is that epoch, or ``"a-b"`` when seeds differ)
+  and ``convergence`` (``epochs_to_*``/``seconds_to_*``; ``n`` = seeds that got
+  there, ``epoch`` empty).
+  """
+  rows: list[dict] = []
+  for method, rs in runs.items():
+    for epoch in epochs:
+      recs = [r.record(epoch) or {} for r in rs]
+      for split in ("train", "test"):
+        rows.append(_row("top1", method, "top1", split, epoch,
+                         [rec.get(f"{split}_top1") for rec in recs], len(rs)))
+  for method, rs in runs.items():
+    for split in ("train", "test"):
+      last = [(r, _last_nc_record(r, split)) for r in rs]
+      for key in NC_KEYS:
+        got = [(rec["epoch"], rec.get(f"nc_{split}_{key}")) for _, rec in last if rec is not None]
+        got = [(e, v) for e, v in got if _value(v) is not None]
+        es = sorted({e for e, _ in got})
+        epoch = "" if not es else es[0] if len(es) == 1 else f"{es[0]}-{es[-1]}"
+        rows.append(_row("final_nc", method, key, split, epoch, [v for _, v in got], len(rs)))
+  for method, rs in runs.items():
+    for name, _, key, predicate in convergence_criteria():
+      hits = [first_reach(r.records, key, predicate) for r in rs]
+      rows.append(_row("convergence", method, f"epochs_to_{name}", "train", "",
+                       [h[0] for h in hits if h], len(rs)))
+      rows.append(_row("convergence", method, f"seconds_to_{name}", "train", "",
+                       [h[1] for h in hits if h], len(rs)))
+  return rows
+
+
+# --------------------------------------------------------------------------- #
+# Markdown and CSV
+# --------------------------------------------------------------------------- #
+
+
+def _fmt(v: float | None, kind: str) -> str:
+  if v is None:
+    return "–"
+  return {"acc": f"{v:.2f}", "sci": f"{v:.2e}", "num": f"{v:.4f}", "epoch": f"{v:g}",
+          "sec": f"{v:.1f}"}[kind]
+
+
+def _median_range(row: dict, kind: str) -> str:
+  if not row["n"]:
+    return "–"
+  return f"{_fmt(row['median'], kind)} [{_fmt(row['min'], kind)}, {_fmt(row['max'], kind)}]"
+
+
+def _mean_std(row: dict, kind: str) -> str:
+  return "–" if not row["n"] else f"{_fmt(row['mean'], kind)} ± {_fmt(row['std'], kind)}"
+
+
+def _table(head: list[str], body: list[list[str]]) -> list[str]:
+  lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+  return lines + ["| " + " | ".join(r) + " |" for r in body]
+
+
+def _distinct(values: Iterable[Any]) -> list[str]:
+  out: list[str] = []
+  for v in values:
+    if v is not None and str(v) not in out:
+      out.append(str(v))
+  return out
+
+
+def unfinished(runs: dict[str, list[Run]]) -> list[str]:
+  """``"implicit seed 4 (epoch 37/200)"`` for each run without ``done.json``."""
+  out = []
+  for method, rs in runs.items():
+    for r in rs:
+      if not r.finished:
+        planned = r.planned_epochs
+        out.append(f"{method} seed {r.seed} (epoch {r.last_epoch}/"
+                   f"{planned if planned is not None else '?'})")
+  return out
+
+
+def render_markdown(folder: str | pathlib.Path, runs: dict[str, list[Run]], rows: list[dict],
+                    warnings: Sequence[str] = ()) -> str:
+  """The report as Markdown: configuration, then the top-1, final-NC and convergence tables."""
+  all_runs = [r for rs in runs.values() for r in rs]
+  name = ", ".join(_distinct(r.config.get("experiment") for r in all_runs))
+  name = name or pathlib.Path(folder).resolve().name
+
+  def config_values(key: str) -> str:
+    vals = _distinct(_train_config(r.config).get(key, r.config.get(key)) for r in all_runs)
+    return ", ".join(vals) if vals else "?"
+
+  lines = [f"# Report: {name}", "", f"Runs from `{folder}`.", ""]
+  lines.append(f"- dataset: {config_values('dataset')}; model: {config_values('model')}; "
+               f"optimizer: {config_values('optimizer')}; batch size: "
+               f"{config_values('batch_size')}; epochs: {config_values('epochs')}")
+  for method, rs in runs.items():
+    done = sum(r.finished for r in rs)
+    lines.append(f"- {method}: seeds {', '.join(str(r.seed) for r in rs)} "
+                 f"({len(rs)} runs, {done} finished)")
+  machines = _distinct(r.config.get("machine") for r in all_runs)
+  lines.append(f"- machine: {'; '.join(machines) if machines else '?'}")
+  versions: dict[str, list[str]] = {}
+  for r in all_runs:
+    vs = r.config.get("versions")
+    for pkg, v in (vs.items() if isinstance(vs, dict) else ()):
+      versions.setdefault(pkg, [])
+      if str(v) not in versions[pkg]:
+        versions[pkg].append(str(v))
+  lines.append("- versions: " + ("; ".join(f"{p} {', '.join(v)}" for p, v in versions.items())
+                                 if versions else "?"))
+  if unfinished(runs):
+    lines.append(f"- unfinished: {'; '.join(unfinished(runs))}")
+  for w in warnings:
+    lines.append(f"- skipped/ignored: {w}")
+
+  def find(table, method, metric, split, epoch=None):
+    for row in rows:
+      if (row["table"], row["method"], row["metric"], row["split"]) == (table, method, metric,
+                                                                        split):
+        if epoch is None or row["epoch"] == epoch:
+          return row
+    raise KeyError((table, method, metric, split, epoch))
+
+  lines += ["", "## Top-1 accuracy (%) at chosen epochs", ""]
+  epochs = sorted({row["epoch"] for row in rows if row["table"] == "top1"})
+  body = []
+  for method in runs:
+    for epoch in epochs:
+      tr, te = (find("top1", method, "top1", s, epoch) for s in ("train", "test"))
+      body.append([method, str(epoch), f"{tr['n']}/{tr['total']}", _median_range(tr, "acc"),
+                   _mean_std(tr, "acc"), f"{te['n']}/{te['total']}", _median_range(te, "acc"),
+                   _mean_std(te, "acc")])
+  lines += _table(["method", "epoch", "n", "train median [min, max]", "train mean ± std", "n",
+                   "test median [min, max]", "test mean ± std"], body)
+  lines += ["", "Train top-1 is the running mean over the epoch's augmented training batches "
+            "(`train_top1`); test top-1 is `test_top1`. n: seeds with that epoch / seeds."]
+
+  lines += ["", "## Final neural-collapse metrics (last NC epoch of each run)", ""]
+  body = []
+  for key in NC_KEYS:
+    kind = "sci" if key == "nc1" else "acc" if key == "top1" else "num"
+    for method in runs:
+      tr, te = (find("final_nc", method, key, s) for s in ("train", "test"))
+      body.append([key, method, str(tr["epoch"] or te["epoch"] or "–"),
+                   f"{tr['n']}/{tr['total']}", _median_range(tr, kind), _mean_std(tr, kind),
+                   f"{te['n']}/{te['total']}", _median_range(te, kind), _mean_std(te, kind)])
+  lines += _table(["metric", "method", "epoch", "n", "train median [min, max]",
+                   "train mean ± std", "n", "test median [min, max]", "test mean ± std"], body)
+  lines += ["", "From the NC passes over the un-augmented train and test splits (`nc_train_*`, "
+            "`nc_test_*`); top1 there is the NC pass's accuracy (%). NaN values are left out "
+            "of n."]
+
+  lines += ["", "## Convergence (first epoch reaching the criterion)", ""]
+  body = []
+  for method in runs:
+    for name_, label, _, _ in convergence_criteria():
+      ep = find("convergence", method, f"epochs_to_{name_}", "train")
+      sec = find("convergence", method, f"seconds_to_{name_}", "train")
+      body.append([method, label, f"{ep['n']}/{ep['total']}", _median_range(ep, "epoch"),
+                   _median_range(sec, "sec")])
+  lines += _table(["method", "criterion", "reached", "epoch median [min, max]",
+                   "seconds median [min, max]"], body)
+  lines += ["", "Medians over the seeds that reached the criterion (reached: k/n seeds; "
+            "'–': none). Seconds are `elapsed` (train + eval wall time since the run started). "
+            "NC-pass criteria are only checked on NC epochs."]
+  return "\n".join(lines) + "\n"
+
+
+def write_markdown(path: str | pathlib.Path, text: str) -> pathlib.Path:
+  path = pathlib.Path(path)
+  path.write_text(text)
+  return path
+
+
+def write_csv(path: str | pathlib.Path, rows: Sequence[dict]) -> pathlib.Path:
+  """The rows in long format (:data:`CSV_COLUMNS`); missing statistics are empty cells."""
+  path = pathlib.Path(path)
+  with open(path, "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(CSV_COLUMNS)
+    for row in rows:
+      # repr keeps full float precision; None (no values) becomes an empty cell.
+      writer.writerow(["" if row[c] is None else repr(row[c]) if isinstance(row[c], float)
+                       else row[c] for c in CSV_COLUMNS])
+  return path
+
+
+# --------------------------------------------------------------------------- #
+# Figures
+# --------------------------------------------------------------------------- #
+
+
+def epoch_series(runs: Sequence[Run], key: str) -> tuple[np.ndarray, ...]:
+  """``(epochs, median, min, max)`` of ``key`` over the seeds that have it at each epoch."""
+  by_epoch: dict[int, list[float]] = {}
+  for r in runs:
+    for rec in r.records:
+      v = _value(rec.get(key))
+      if v is not None:
+        by_epoch.setdefault(rec["epoch"], []).append(v)
+  es = sorted(by_epoch)
+  rows = [stats(by_epoch[e]) for e in es]
+  return (np.asarray(es, dtype=np.float64), *(np.asarray([s[k] for s in rows], dtype=np.float64)
+                                              for k in ("median", "min", "max")))
+
+
+def _title(runs: dict[str, list[Run]], folder: str | pathlib.Path) -> str:
+  all_runs = [r for rs in runs.values() for r in rs]
+  name = ", ".join(_distinct(r.config.get("experiment") for r in all_runs))
+  bits = [", ".join(_distinct(_train_config(r.config).get(k) for r in all_runs))
+          for k in ("dataset", "model", "optimizer")]
+  # The experiment is often named after its dataset: say it once.
+  return " · ".join(_distinct(b for b in [name or pathlib.Path(folder).resolve().name, *bits]
+                              if b))
+
+
+def plot_metrics(runs: dict[str, list[Run]], path: str | pathlib.Path,
+                 title: str = "") -> pathlib.Path | None:
+  """Grid of metric-vs-epoch panels (:data:`PANELS`), methods overlaid, median and min–max band.
+
+  Statistics are per epoch over the seeds that have the key there (NaN left out).
+  On log panels non-positive medians and band edges are masked (an exact ETF has
+  NC2 = 0). Panels with no data are left out; returns ``None`` (and writes
+  nothing) if none has any.
+  """
+  series = {}
+  for key, _, scale in PANELS:
+    per_method = {}
+    for method, rs in runs.items():
+      x, med, lo, hi = epoch_series(rs, key)
+      if scale == "log":
+        med, lo, hi = (np.where(a > 0, a, np.nan) for a in (med, lo, hi))
+      if np.isfinite(med).any():
+        per_method[method] = (x, med, lo, hi)
+    if per_method:
+      series[key] = per_method
+  if not series:
+    return None
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  from matplotlib.ticker import MaxNLocator
+
+  panels = [p for p in PANELS if p[0] in series]
+  ncols = min(3, len(panels))
+  nrows = -(-len(panels) // ncols)
+  fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.8 * nrows), squeeze=False)
+  for ax, (key, label, scale) in zip(axes.flat, panels):
+    for method, (x, med, lo, hi) in series[key].items():
+      c = COLOURS.get(method)
+      # Markers: NC metrics exist every few epochs only, and a single point needs one.
+      ax.plot(x, med, color=c, label=method, marker="." if len(x) < 40 else None)
+      band = np.isfinite(lo) & np.isfinite(hi)
+      if band.any():
+        ax.fill_between(x, np.where(band, lo, 0), np.where(band, hi, 0), where=band, color=c,
+                        alpha=0.2, linewidth=0)
+    ax.set_yscale(scale)
+    ax.set_title(label)
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+  for ax in list(axes.flat)[len(panels):]:
+    ax.set_visible(False)
+  axes.flat[0].legend()
+  fig.suptitle(f"{title} (median over seeds, min–max band)" if title else
+               "median over seeds, min–max band")
+  fig.tight_layout()
+  path = pathlib.Path(path)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+def margin_curves(runs: Sequence[Run], points: int = 1000) -> tuple[np.ndarray, ...] | None:
+  """``(rank, median, min, max)``: sorted margins against normalised rank 0..1, over seeds.
+
+  Runs may have different N, so each is resampled as its empirical quantile
+  function on a common grid; ``None`` if no run has margins.
+  """
+  ms = [m[~np.isnan(m)] for m in (r.margins for r in runs) if m is not None]
+  ms = [m for m in ms if m.size]
+  if not ms:
+    return None
+  grid = np.linspace(0.0, 1.0, min(points, max(m.size for m in ms)))
+  curves = np.stack([np.quantile(m, grid) for m in ms])
+  return grid, np.median(curves, 0), curves.min(0), curves.max(0)
+
+
+def plot_margins(runs: dict[str, list[Run]], path: str | pathlib.Path,
+                 title: str = "") -> pathlib.Path | None:
+  """Per-sample cosine margin at the end of training, sorted, methods overlaid.
+
+  Returns ``None`` (and writes nothing) if no run has ``margins.npy``.
+  """
+  curves = {m: c for m, rs in runs.items() if (c := margin_curves(rs)) is not None}
+  if not curves:
+    return None
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(6.5, 4.5))
+  for method, (x, med, lo, hi) in curves.items():
+    c = COLOURS.get(method)
+    n = sum(r.margins is not None for r in runs[method])
+    ax.plot(x, med, color=c, label=f"{method} ({n} seeds)")
+    ax.fill_between(x, lo, hi, color=c, alpha=0.2, linewidth=0)
+  ax.axhline(0.0, color="k", lw=0.8)
+  ax.set_xlabel("normalised sample rank")
+  ax.set_ylabel("cosine margin")
+  ax.set_title(f"{title}\nper-sample train cosine margin, end of training" if title else
+               "per-sample train cosine margin, end of training")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  path = pathlib.Path(path)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+# --------------------------------------------------------------------------- #
+# Command line
+# --------------------------------------------------------------------------- #
+
+
+def parse_epochs(text: str) -> list[int]:
+  """``"10,50,200"`` → ``[10, 50, 200]`` (sorted, unique); positive integers only."""
+  try:
+    epochs = [int(part) for part in text.split(",")]
+  except ValueError:
+    epochs = []
+  if not epochs or any(e < 1 for e in epochs):
+    raise ValueError(f"--epochs: expected a comma list of positive integers, got {text!r}")
+  return sorted(set(epochs))
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      prog="python -m experiments.report", allow_abbrev=False,
+      description="Multi-seed tables, CSV and figures from image-experiment run folders "
+                  f"({EXPECTED}).")
+  p.add_argument("folders", nargs="+", metavar="FOLDER", help="experiment folder(s)")
+  p.add_argument("--epochs", help="epochs of the top-1 table, e.g. 10,50,200 (default: the "
+                                  "last epoch and up to 3 evenly spaced earlier ones)")
+  p.add_argument("--out", help="output folder (default: each experiment folder; with several "
+                               "folders, <out>/<folder name>/)")
+  p.add_argument("--quiet", action="store_true", help="do not print the Markdown")
+  p.add_argument("--no-plot", action="store_true", help="tables only, no figures")
+  return p
+
+
+def report(folder: str | pathlib.Path, out: str | pathlib.Path, epochs: Sequence[int] | None,
+           runs: dict[str, list[Run]], warnings: Sequence[str] = (), plot: bool = True) -> dict:
+  """Writes one experiment's report into ``out``; returns its runs, rows, Markdown and paths."""
+  out = pathlib.Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  epochs = list(epochs) if epochs else default_epochs(runs)
+  rows = report_tables(runs, epochs)
+  text = render_markdown(folder, runs, rows, warnings)
+  paths = {"markdown": write_markdown(out / "report.md", text),
+           "csv": write_csv(out / "report.csv", rows)}
+  if plot:
+    title = _title(runs, folder)
+    for name, fn in (("metrics", plot_metrics), ("margins", plot_margins)):
+      path = fn(runs, out / f"{name}.png", title)
+      if path is not None:
+        paths[name] = path
+  return {"runs": runs, "epochs": epochs, "rows": rows, "markdown": text, "paths": paths,
+          "warnings": list(warnings)}
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, dict]:
+  """Runs the command; returns ``{folder: report(...) result}``."""
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  try:
+    epochs = parse_epochs(args.epochs) if args.epochs is not None else None
+  except ValueError as err:
+    parser.error(str(err))
+  folders = [pathlib.Path(f) for f in args.folders]
+  names = [f.resolve().name for f in folders]
+  if args.out and len(folders) > 1 and len(set(names)) < len(names):
+    parser.error(f"--out: the experiment folders' names clash ({', '.join(names)}); "
+                 "report them one at a time")
+  # Load everything first, so that a bad folder fails before anything is written.
+  loaded = []
+  for folder in folders:
+    if not folder.is_dir():
+      parser.error(f"{folder}: no such folder (expected run folders {EXPECTED})")
+    warnings: list[str] = []
+    runs = load_runs(folder, warn=lambda w: (warnings.append(w), _warn_stderr(w)))
+    if not runs:
+      parser.error(f"{folder}: no runs found (expected {EXPECTED})")
+    loaded.append((folder, runs, warnings))
+  results = {}
+  for (folder, runs, warnings), name in zip(loaded, names):
+    out = (folder if not args.out else pathlib.Path(args.out) if len(folders) == 1
+           else pathlib.Path(args.out) / name)
+    result = report(folder, out, epochs, runs, warnings, plot=not args.no_plot)
+    if not args.quiet:
+      print(result["markdown"])
+    for path in result["paths"].values():
+      print(f"wrote {path}")
+    results[str(folder)] = result
+  return results
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

@@ -1,0 +1,17 @@
+"""``python -m experiments.stl10``: STL10 (5000 train / 8000 test, 96×96).
+
+The paper's recipe with every field a flag; see :mod:`experiments.image` for the run
+folders, sweeps and resumption, and ``python -m experiments.stl10 --help`` for the flags.
+"""
+
+from experiments import image
+
+EXPERIMENT = "stl10"
+
+
+def main(argv=None):
+  return image.main(EXPERIMENT, argv)
+
+
+if __name__ == "__main__":
+  image.cli(EXPERIMENT)

@@ -1,0 +1,316 @@
+"""The image-experiment report: statistics, tables, CSV, Markdown and figures on synthetic runs.
+
+The run folders are written here by hand (3 methods × 3 seeds, 6 epochs, NC
+every 2 epochs, plus a one-seed extra method), with values chosen so that the
+expected medians, ranges, means, standard deviations and convergence epochs
+are known (computed below with the ``statistics`` module, not numpy).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+
+import matplotlib
+import numpy as np
+import pytest
+
+from experiments import report
+
+matplotlib.use("Agg")
+
+EPOCHS = 6
+NC_EVERY = 2
+# train_top1 per epoch 1..6 (augmented running mean, %).
+TRAIN_TOP1 = {
+    "standard": {1: [60, 80, 95, 100, 100, 100], 2: [55, 75, 90, 98, 100, 100],
+                 3: [50, 70, 85, 95, 97, 99]},
+    "fixed": {1: [40, 50, 60, 70, 80, 90], 2: [45, 55, 65, 75, 85, 95],
+              3: [50, 60, 70, 80, 90, float("nan")]},
+    # Seed 3 is unfinished: four epochs, no done.json.
+    "implicit": {1: [70, 90, 99, 100, 100, 100], 2: [65, 85, 95, 99, 100, 100],
+                 3: [60, 80, 90, 95]},
+}
+# nc_train_nc1 at NC epochs 2, 4, 6.
+NC1 = {
+    "standard": {1: [0.2, 0.05, 0.0005], 2: [0.08, 0.02, 0.005], 3: [0.3, 0.2, 0.09]},
+    "fixed": {1: [0.5, 0.4, 0.3], 2: [0.6, 0.5, 0.4], 3: [0.7, 0.6, 0.5]},
+    "implicit": {1: [0.09, 0.009, 0.0009], 2: [0.1, 0.05, 0.005], 3: [0.2, 0.1]},
+}
+# nc_train_top1 (NC pass) at NC epochs 2, 4, 6.
+NC_TOP1 = {
+    "standard": {1: [80, 100, 100], 2: [70, 99, 100], 3: [60, 90, 95]},
+    "fixed": {1: [50, 60, 70], 2: [50, 60, 70], 3: [50, 60, 70]},
+    "implicit": {1: [95, 100, 100], 2: [90, 100, 100], 3: [90, 99]},
+}
+OTHER_NC = ("top5", "vci", "nc2_etf", "nc2_equinorm_w", "nc2_equinorm_h", "wh_equinorm", "nc3",
+            "ncc_mismatch", "bias_collapse", "avg_cosine_margin", "w_etf_dist", "h_etf_dist",
+            "wh_etf_dist")
+
+
+def elapsed(epoch, seed):
+  return 10.0 * epoch + seed
+
+
+def other_nc(seed, epoch):
+  """Every other NC metric: 0.1·seed + 0.01·epoch (so the last epoch shows in the value)."""
+  return round(0.1 * seed + 0.01 * epoch, 10)
+
+
+def make_run(root, method, seed, records, *, done=True, margins=None, config=None):
+  folder = root / method / f"seed-{seed}"
+  folder.mkdir(parents=True)
+  cfg = {"experiment": "fashion_mnist", "method": method, "seed": seed,
+         "train_config": {"dataset": "fashion_mnist", "model": "resnet18", "epochs": EPOCHS,
+                          "batch_size": 256, "optimizer": "agd"},
+         "machine": "test box", "versions": {"jax": "0.10.2", "numpy": "2.0"}}
+  (folder / "config.json").write_text(json.dumps(config if config is not None else cfg))
+  # json.dumps writes NaN as NaN, as the runner's records do.
+  (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  if margins is not None:
+    np.save(folder / "margins.npy", margins)
+  if done:
+    (folder / "done.json").write_text(json.dumps({"epochs": EPOCHS, "wall_seconds": 99.0}))
+  (folder / "checkpoints").mkdir()         # ignored
+  return folder
+
+
+def records_for(method, seed):
+  out = []
+  for i, top1 in enumerate(TRAIN_TOP1[method][seed]):
+    epoch = i + 1
+    rec = {"epoch": epoch, "step": 10 * epoch, "seconds": 9.0, "elapsed": elapsed(epoch, seed),
+           "train_loss": 1.0 / epoch, "train_top1": top1, "train_top5": 100.0,
+           "test_loss": 1.5 / epoch, "test_top1": top1 - 5, "test_top5": 99.0}
+    if epoch % NC_EVERY == 0:
+      j = epoch // NC_EVERY - 1
+      for split in ("train", "test"):
+        rec[f"nc_{split}_nc1"] = NC1[method][seed][j] * (1 if split == "train" else 2)
+        rec[f"nc_{split}_top1"] = NC_TOP1[method][seed][j] - (0 if split == "train" else 3)
+        for key in OTHER_NC:
+          rec[f"nc_{split}_{key}"] = other_nc(seed, epoch)
+    out.append(rec)
+  if method == "fixed" and seed == 2:
+    out[-1]["nc_test_nc3"] = float("nan")
+  if method == "standard" and seed == 1:
+    out[-1]["train_loss"] = 0.0           # log axes must cope
+  return out
+
+
+@pytest.fixture
+def experiment(tmp_path):
+  root = tmp_path / "fashion_mnist"
+  rng = np.random.default_rng(0)
+  for method, seeds in TRAIN_TOP1.items():
+    for seed in seeds:
+      unfinished = method == "implicit" and seed == 3
+      margins = None if (method == "fixed" and seed == 1) else rng.uniform(-1, 1, 40 + 10 * seed)
+      make_run(root, method, seed, records_for(method, seed), done=not unfinished,
+               margins=margins)
+  # A fourth, unknown method sorts after the paper's; a seed folder without records is skipped.
+  make_run(root, "ablation", 1, records_for("standard", 1))
+  (root / "standard" / "seed-9").mkdir()
+  (root / "standard" / "seed-9" / "config.json").write_text("{}")
+  (root / "report-notes.txt").write_text("not a run")
+  return root
+
+
+def find(rows, table, method, metric, split="train", epoch=None):
+  hits = [r for r in rows if (r["table"], r["method"], r["metric"], r["split"]) ==
+          (table, method, metric, split) and (epoch is None or r["epoch"] == epoch)]
+  assert len(hits) == 1, (table, method, metric, split, epoch, hits)
+  return hits[0]
+
+
+def check(row, values, total=3):
+  assert row["n"] == len(values) and row["total"] == total
+  assert row["median"] == pytest.approx(statistics.median(values))
+  assert (row["min"], row["max"]) == (pytest.approx(min(values)), pytest.approx(max(values)))
+  assert row["mean"] == pytest.approx(statistics.mean(values))
+  sd = statistics.stdev(values) if len(values) > 1 else 0.0
+  assert row["std"] == pytest.approx(sd)
+
+
+def test_stats_ignores_none_and_nan():
+  s = report.stats([3, None, float("nan"), 1, 2])
+  assert s == {"n": 3, "median": 2.0, "min": 1.0, "max": 3.0, "mean": 2.0, "std": 1.0}
+  assert report.stats([5.0])["std"] == 0.0
+  assert report.stats([None, float("nan")]) == dict(n=0, median=None, min=None, max=None,
+                                                    mean=None, std=None)
+
+
+def test_first_reach():
+  recs = [{"epoch": 1, "nc1": 0.5, "elapsed": 3.0}, {"epoch": 2}, {"epoch": 3, "nc1": float("nan")},
+          {"epoch": 4, "nc1": 0.05, "elapsed": 12.5}]
+  assert report.first_reach(recs, "nc1", lambda v: v < 0.1) == (4, 12.5)
+  assert report.first_reach(recs, "nc1", lambda v: v < 0.01) is None
+
+
+def test_load_runs(experiment, capsys):
+  warnings = []
+  runs = report.load_runs(experiment, warn=warnings.append)
+  assert list(runs) == ["standard", "fixed", "implicit", "ablation"]
+  assert [r.seed for r in runs["standard"]] == [1, 2, 3]
+  assert len(warnings) == 1 and "seed-9" in warnings[0] and "no metrics.jsonl" in warnings[0]
+  run = runs["implicit"][2]
+  assert not run.finished and run.last_epoch == 4 and run.planned_epochs == 6
+  assert report.unfinished(runs) == ["implicit seed 3 (epoch 4/6)"]
+  assert runs["fixed"][0].margins is None and runs["fixed"][1].margins.shape == (60,)
+  assert math.isnan(runs["fixed"][2].records[-1]["train_top1"])
+
+
+def test_read_records_skips_bad_lines_and_keeps_the_resumed_epoch(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"epoch": 1, "x": 1}\n{"epoch": 2, "x": 2}\n\n{"epoch": 2, "x": 3}\n'
+                  '{"epoch": 3, "x": 4')
+  warnings = []
+  recs = report.read_records(path, warn=warnings.append)
+  assert [(r["epoch"], r["x"]) for r in recs] == [(1, 1), (2, 3)]
+  assert len(warnings) == 1 and ":5: not JSON" in warnings[0]
+
+
+def test_top1_table(experiment):
+  runs = report.load_runs(experiment, warn=lambda _: None)
+  assert report.default_epochs(runs) == [2, 3, 5, 6]
+  rows = report.report_tables(runs, [1, 6])
+  check(find(rows, "top1", "standard", "top1", "train", 6), [100, 100, 99])
+  check(find(rows, "top1", "standard", "top1", "test", 1), [55, 50, 45])
+  check(find(rows, "top1", "standard", "top1", "train", 1), [60, 55, 50])
+  # NaN tolerated (n reduced); a run that stopped early is left out at epoch 6.
+  check(find(rows, "top1", "fixed", "top1", "train", 6), [90, 95])
+  check(find(rows, "top1", "implicit", "top1", "train", 6), [100, 100])
+  check(find(rows, "top1", "ablation", "top1", "train", 6), [100], total=1)
+
+
+def test_final_nc_table(experiment):
+  runs = report.load_runs(experiment, warn=lambda _: None)
+  rows = report.report_tables(runs, [6])
+  row = find(rows, "final_nc", "standard", "nc1", "train")
+  check(row, [0.0005, 0.005, 0.09])
+  assert row["epoch"] == 6
+  check(find(rows, "final_nc", "standard", "nc1", "test"), [0.001, 0.01, 0.18])
+  check(find(rows, "final_nc", "standard", "top1", "train"), [100, 100, 95])
+  check(find(rows, "final_nc", "standard", "nc3", "train"), [0.16, 0.26, 0.36])
+  # NaN at the last NC epoch is left out, not replaced by an earlier value.
+  check(find(rows, "final_nc", "fixed", "nc3", "test"), [0.16, 0.36])
+  # The unfinished seed contributes its own last NC epoch (4).
+  row = find(rows, "final_nc", "implicit", "wh_equinorm", "train")
+  check(row, [0.16, 0.26, 0.34])
+  assert row["epoch"] == "4-6"
+  check(find(rows, "final_nc", "implicit", "nc1", "train"), [0.0009, 0.005, 0.1])
+
+
+def test_convergence_table(experiment):
+  runs = report.load_runs(experiment, warn=lambda _: None)
+  rows = report.report_tables(runs, [6])
+  # standard: train_top1 hits 100 at epochs 4 (seed 1) and 5 (seed 2); seed 3 never.
+  check(find(rows, "convergence", "standard", "epochs_to_train_top1_100"), [4, 5])
+  check(find(rows, "convergence", "standard", "seconds_to_train_top1_100"),
+        [elapsed(4, 1), elapsed(5, 2)])
+  check(find(rows, "convergence", "standard", "epochs_to_nc_train_top1_100"), [4, 6])
+  check(find(rows, "convergence", "standard", "epochs_to_nc1_below_1e-01"), [4, 2, 6])
+  check(find(rows, "convergence", "standard", "epochs_to_nc1_below_1e-02"), [6, 6])
+  check(find(rows, "convergence", "standard", "seconds_to_nc1_below_1e-03"), [elapsed(6, 1)])
+  check(find(rows, "convergence", "implicit", "epochs_to_nc1_below_1e-01"), [2, 4])
+  for metric in ("epochs_to_train_top1_100", "epochs_to_nc1_below_1e-01"):
+    row = find(rows, "convergence", "fixed", metric)
+    assert row["n"] == 0 and row["total"] == 3 and row["median"] is None
+
+
+def test_main_writes_report_csv_and_figures(experiment, tmp_path, capsys):
+  out = tmp_path / "out"
+  results = report.main([str(experiment), "--epochs", "6,1", "--out", str(out)])
+  captured = capsys.readouterr()
+  result = results[str(experiment)]
+  assert result["epochs"] == [1, 6]
+  md = (out / "report.md").read_text()
+  assert md == result["markdown"] and md in captured.out
+  assert f"wrote {out / 'report.csv'}" in captured.out
+  assert "warning:" in captured.err and "seed-9" in captured.err
+  for text in ("# Report: fashion_mnist", "## Top-1 accuracy (%) at chosen epochs",
+               "## Final neural-collapse metrics", "## Convergence",
+               "dataset: fashion_mnist; model: resnet18; optimizer: agd; batch size: 256; "
+               "epochs: 6", "- standard: seeds 1, 2, 3 (3 runs, 3 finished)",
+               "- implicit: seeds 1, 2, 3 (3 runs, 2 finished)", "machine: test box",
+               "versions: jax 0.10.2; numpy 2.0", "unfinished: implicit seed 3 (epoch 4/6)",
+               "| standard | 6 | 3/3 | 100.00 [99.00, 100.00] | 99.67 ± 0.58 |",
+               "| nc1 | standard | 6 | 3/3 | 5.00e-03 [5.00e-04, 9.00e-02] |",
+               "| nc3 | fixed | 6 | 3/3 | 0.2600 [0.1600, 0.3600] | 0.2600 ± 0.1000 | 2/3 |",
+               "| standard | train top-1 = 100 % (augmented running mean) | 2/3 | 4.5 [4, 5] | "
+               "46.5 [41.0, 52.0] |",
+               "| fixed | train NC1 < 1e-03 | 0/3 | – | – |"):
+    assert text in md, text
+  assert md.index("| standard |") < md.index("| fixed |") < md.index("| implicit |") < \
+      md.index("| ablation |")
+
+  with open(out / "report.csv", newline="") as f:
+    table = list(csv.DictReader(f))
+  assert list(table[0]) == list(report.CSV_COLUMNS)
+  assert len(table) == len(result["rows"])
+  row = next(r for r in table if (r["table"], r["method"], r["split"], r["epoch"]) ==
+             ("top1", "standard", "train", "6"))
+  assert (int(row["n"]), int(row["total"])) == (3, 3)
+  assert float(row["median"]) == 100.0 and float(row["min"]) == 99.0
+  assert float(row["mean"]) == pytest.approx(statistics.mean([100, 100, 99]), rel=1e-12)
+  assert float(row["std"]) == pytest.approx(statistics.stdev([100, 100, 99]), rel=1e-12)
+  row = next(r for r in table if (r["method"], r["metric"]) ==
+             ("fixed", "seconds_to_nc1_below_1e-01"))
+  assert (row["n"], row["total"], row["median"], row["epoch"]) == ("0", "3", "", "")
+
+  for name in ("metrics.png", "margins.png"):
+    data = (out / name).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+  assert set(result["paths"]) == {"markdown", "csv", "metrics", "margins"}
+
+
+def test_default_output_is_the_experiment_folder_and_several_folders(experiment, tmp_path,
+                                                                     capsys):
+  other = tmp_path / "other" / "cifar10"
+  make_run(other, "fixed", 1, records_for("fixed", 1),
+           config={"train_config": {"epochs": 6}})     # no optional keys
+  results = report.main([str(experiment), str(other), "--quiet", "--no-plot"])
+  out = capsys.readouterr().out
+  assert "# Report" not in out
+  assert (experiment / "report.md").exists() and (other / "report.csv").exists()
+  assert not (experiment / "metrics.png").exists()
+  md = results[str(other)]["markdown"]
+  assert md.startswith("# Report: cifar10") and "machine: ?" in md
+  assert results[str(experiment)]["epochs"] == [2, 3, 5, 6]
+  results = report.main([str(experiment), str(other), "--quiet", "--no-plot", "--out",
+                         str(tmp_path / "reports")])
+  assert (tmp_path / "reports" / "fashion_mnist" / "report.md").exists()
+  assert (tmp_path / "reports" / "cifar10" / "report.md").exists()
+
+
+def test_plots_tolerate_missing_data(tmp_path):
+  run = report.Run("implicit", 1, tmp_path, {}, [{"epoch": 1, "train_top1": 50.0,
+                                                  "nc_train_nc1": 0.0}])
+  assert report.plot_margins({"implicit": [run]}, tmp_path / "m.png") is None
+  path = report.plot_metrics({"implicit": [run]}, tmp_path / "metrics.png")
+  assert path.stat().st_size > 1000
+  assert report.plot_metrics({"implicit": [report.Run("implicit", 1, tmp_path, {}, [])]},
+                             tmp_path / "none.png") is None
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--epochs", "abc"], "--epochs: expected a comma list of positive integers, got 'abc'"),
+    (["--epochs", "0,10"], "--epochs: expected a comma list of positive integers"),
+    (["--epochs", "10,"], "--epochs: expected a comma list of positive integers"),
+    (["--epoch", "10"], "unrecognized arguments: --epoch"),
+])
+def test_bad_flags_fail_clearly(experiment, argv, match, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    report.main([str(experiment), *argv])
+  assert exit_info.value.code == 2
+  assert match in capsys.readouterr().err
+
+
+def test_missing_or_empty_folder_fails_clearly(tmp_path, capsys):
+  for folder, what in ((tmp_path / "nope", "no such folder"), (tmp_path, "no runs found")):
+    with pytest.raises(SystemExit) as exit_info:
+      report.main([str(folder), "--quiet"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{folder}: {what}" in err and "<dir>/<method>/seed-<n>/metrics.jsonl" in err
