@@ -61,7 +61,8 @@ PRESETS = types.MappingProxyType({
     "cifar10": dict(dataset="cifar10"),
     "cifar100": dict(dataset="cifar100"),
     "stl10": dict(dataset="stl10"),
-    "imagenet": dict(dataset="imagenet2012"),
+    # K = 1000 needs d >= K for the ETF heads: ResNet50 (d = 2048), not ResNet18 (512).
+    "imagenet": dict(dataset="imagenet2012", model="resnet50"),
 })
 
 # Flag choices for TrainConfig fields with a closed set of values.
@@ -83,6 +84,8 @@ _HELP = {
     "stratified": "stratified batches (default: on for the implicit method)",
     "learning_rate": "not used by AGD (the paper's optimiser)",
     "gain": "AGD gain (default 10, the paper's)",
+    "augment": "the dataset's training augmentation (--no-augment: normalisation only)",
+    "width": "ResNet stem/first-stage channels (paper: 64; narrower nets for CPU runs)",
 }
 
 
@@ -269,12 +272,18 @@ def parse_args(experiment: str, argv: Sequence[str] | None = None
     if value is not None and value < 1:
       parser.error(f"--{name.replace('_', '-')}: expected a positive integer, got {value}")
   fields = {f.name for f in dataclasses.fields(config_lib.TrainConfig)} - set(_NOT_FLAGS)
-  base = dataclasses.replace(config_lib.TrainConfig(), **PRESETS[experiment],
-                             **{name: getattr(args, name) for name in fields})
+  # The parser's defaults are the preset's, so the flags carry every field but the dataset.
+  base = dataclasses.replace(config_lib.TrainConfig(), **{
+      **PRESETS[experiment], **{name: getattr(args, name) for name in fields}})
   try:
     for method in methods:
       config_for(base, method, seeds[0]).validate()
     _check_devices(args.devices)
+    n_devices = len(select_devices(args.devices))
+    if base.batch_size % n_devices:
+      raise ValueError(f"--batch-size: expected a multiple of the number of devices "
+                       f"({n_devices}, --devices {args.devices}) for data parallelism, got "
+                       f"{base.batch_size}")
   except ValueError as err:
     parser.error(str(err))
   options = RunOptions(
@@ -517,11 +526,11 @@ def _compile(cfg: config_lib.TrainConfig, data: Data, mesh, steps_per_epoch: int
   import jax
   import jax.numpy as jnp
 
-  from nc_jax import loop, models, train
+  from nc_jax import loop, train
   from nc_jax.data import batching
   info = data.info
   model = cfg.backbone()
-  head_config = cfg.head_config(info.num_classes, models.feature_dim(cfg.model))
+  head_config = cfg.head_config(info.num_classes, model.feature_dim)
   tx = cfg.optimizer_transform(steps_per_epoch)
   static = dict(model=model, head_config=head_config, loss=cfg.loss)
   rep, sharded = train.replicated(mesh), train.batch_sharding(mesh)
@@ -531,7 +540,8 @@ def _compile(cfg: config_lib.TrainConfig, data: Data, mesh, steps_per_epoch: int
     features = jax.jit(lambda state, x: feat(state, x), in_shardings=(rep, sharded),
                        out_shardings=rep)
   else:
-    steps = loop.compile_data_steps(mesh, info.spec(True), info.spec(False), tx=tx, **static)
+    steps = loop.compile_data_steps(mesh, cfg.data_spec(True), cfg.data_spec(False), tx=tx,
+                                    **static)
     eval_spec = info.spec(False)
 
     def device_features(state, images, labels, idx):
@@ -584,6 +594,13 @@ def nc_pass(compiled: _Compiled, state, split_data, labels, ids, batch_size, mes
 
   from nc_jax import heads, metrics
   h, y = _feature_batches(compiled, state, split_data, labels, ids, batch_size, mesh, data)
+  k = compiled.head_config.num_classes
+  missing = k - np.unique(y).size
+  if missing:
+    # Class means (and so every NC metric) are undefined; a small subset or mock data.
+    print(f"warning: NC metrics skipped: {missing} of {k} classes have no examples among "
+          f"the {y.size} evaluated (raise --nc-examples)", file=sys.stderr, flush=True)
+    return {key: float("nan") for key in metrics.METRIC_KEYS} | {"cosine_margins": None}
   w, b = heads.classifier(compiled.head_config, state.params["head"], state.head,
                           h.mean(axis=0, dtype=np.float64).astype(h.dtype))
   chunk = 8192
@@ -637,7 +654,7 @@ def run_one(cfg: config_lib.TrainConfig, method: str, options: RunOptions, data:
   k = data.info.num_classes
   train.check_batch_size(cfg.batch_size, mesh)
   if data.stream:
-    train_data = StreamingLoader(data.train, data.info.spec(True), batch_size=cfg.batch_size,
+    train_data = StreamingLoader(data.train, cfg.data_spec(True), batch_size=cfg.batch_size,
                                  train=True, seed=cfg.seed, stratified=cfg.use_stratified,
                                  labels=data.train_labels, num_classes=k, num_threads=16)
     eval_data = StreamingLoader(data.test, data.info.spec(False), batch_size=cfg.batch_size,
@@ -655,7 +672,7 @@ def run_one(cfg: config_lib.TrainConfig, method: str, options: RunOptions, data:
     if "train" not in placed:
       placed["train"] = train.replicate(tuple(map(jax.numpy.asarray, data.train)), mesh)
       placed["test"] = train.replicate(tuple(map(jax.numpy.asarray, data.test)), mesh)
-    train_data = loop.DeviceData(*placed["train"], data.info.spec(True))
+    train_data = loop.DeviceData(*placed["train"], cfg.data_spec(True))
     eval_data = loop.DeviceData(*placed["test"], data.info.spec(False))
     nc_train, nc_test = placed["train"], placed["test"]
   else:
@@ -704,7 +721,8 @@ def run_one(cfg: config_lib.TrainConfig, method: str, options: RunOptions, data:
                    mesh, data)
       rec.update(_nc_record(tr, "nc_train_"))
       rec.update(_nc_record(te, "nc_test_"))
-      last_margins[:] = [tr["cosine_margins"]]
+      if tr["cosine_margins"] is not None:
+        last_margins[:] = [tr["cosine_margins"]]
     rec["elapsed"] = elapsed0 + time.perf_counter() - t_start
     records.append(rec)
     with open(records_path, "a") as f:

@@ -32,13 +32,16 @@ COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 class TrainConfig:
   """A training run (defaults: the paper's released recipe).
 
-  Data: ``dataset`` (a :func:`nc_jax.data.dataset_names` name), ``source``
+  Data: ``dataset`` (a :func:`nc_jax.data.dataset_names` name), ``augment``
+  (the dataset's training augmentation; off: training batches are only normalised,
+  as in Papyan et al.'s neural-collapse experiments), ``source``
   (``tfds``/``idx``/``npz``/``synthetic``), ``data_path`` (idx folder or npz file),
   ``data_dir`` (tfds), ``num_examples`` (synthetic size).
   Model: ``model`` (:data:`nc_jax.models.MODEL_NAMES`), ``stem`` (ResNets:
   ``imagenet`` as the paper, or ``cifar``), ``affine`` (BatchNorm scale/shift;
   the paper's ``--no-bias`` turns it off), ``compute_dtype`` (``float32`` or
-  ``bfloat16``; parameters stay float32).
+  ``bfloat16``; parameters stay float32), ``width`` (ResNets: stem/first-stage
+  channels, ``None`` = 64 as the paper; narrower nets for reduced CPU runs).
   Head: ``method`` (standard/fixed/implicit), ``forward_only`` (implicit
   ablation), ``tau``, ``loss``, ``bias`` (standard), ``renormalise_rows``
   (standard), ``rotation_seed`` (fixed), ``delta``, ``solver``,
@@ -51,6 +54,7 @@ class TrainConfig:
   Run: ``seed``.
   """
   dataset: str = "cifar10"
+  augment: bool = True
   source: str = "tfds"
   data_path: str | None = None
   data_dir: str | None = None
@@ -59,6 +63,7 @@ class TrainConfig:
   stem: str = "imagenet"
   affine: bool = False
   compute_dtype: str = "float32"
+  width: int | None = None
   method: str = "implicit"
   forward_only: bool = False
   tau: float = 5.0
@@ -89,6 +94,11 @@ class TrainConfig:
     if self.stratified is not None:
       return self.stratified
     return self.method == "implicit" and self.batch_size >= self.info.num_classes
+
+  def data_spec(self, train: bool):
+    """The augmentation and normalisation of training (``train``) or evaluation batches;
+    training batches get the evaluation transform when ``augment`` is off."""
+    return self.info.spec(train and self.augment)
 
   @property
   def info(self) -> registry.DatasetInfo:
@@ -126,7 +136,11 @@ class TrainConfig:
     if self.use_stratified and self.batch_size < k:
       raise ValueError(f"batch_size: stratified batches need every class in every batch, so "
                        f"batch_size >= number of classes K={k}, got {self.batch_size}")
-    d = models.feature_dim(self.model)
+    if self.width is not None and (not self.model.startswith("resnet")
+                                   or not isinstance(self.width, int) or self.width < 1):
+      raise ValueError(f"width: expected None or a positive integer for a ResNet "
+                       f"(model {self.model!r}), got {self.width!r}")
+    d = self.backbone().feature_dim
     # The head checks d ≥ K for the ETF methods (and every other head field).
     self.head_config(k, d)
     if self.optimizer.lower() == "agd" and self.affine:
@@ -150,6 +164,8 @@ class TrainConfig:
                               "dtype": COMPUTE_DTYPES[self.compute_dtype]}
     if self.model.startswith("resnet"):
       kwargs["stem"] = self.stem
+      if self.width is not None:
+        kwargs["width"] = self.width
     if self.model == "mlp":
       kwargs["use_bias"] = self.affine  # no-bias mode: no 1-D parameters anywhere
     return models.create(self.model, **kwargs)

@@ -53,6 +53,9 @@ def test_builders_make_a_trainable_state_with_agd(method):
     (dict(optimizer="sgd", learning_rate=-1.0), r"learning_rate"),
     (dict(compute_dtype="float16"), r"^compute_dtype: expected one of float32, bfloat16"),
     (dict(tau=0.0), r"^tau: expected a positive"),
+    (dict(model="vgg13", width=16), r"^width: expected None or a positive integer for a ResNet"),
+    (dict(width=0), r"^width: expected None or a positive integer"),
+    (dict(dataset="cifar100", width=8), r"^feature_dim: .*d=64, K=100"),   # d = 8·width
 ])
 def test_bad_configurations_fail_clearly(kwargs, match):
   with pytest.raises(ValueError, match=match):
@@ -64,3 +67,12 @@ def test_imagenet_with_resnet50_is_valid_and_not_stratified():
   assert not cfg.use_stratified  # K = 1000 > batch 256
   assert TrainConfig(dataset="cifar100", batch_size=64).use_stratified is False
   assert TrainConfig(dataset="cifar100").use_stratified is True
+
+
+def test_width_and_augment():
+  cfg = TrainConfig(width=16).validate()
+  assert cfg.backbone().feature_dim == 128 and cfg.head_config(10, 128).feature_dim == 128
+  info = cfg.info
+  assert cfg.data_spec(True) == info.train_spec and cfg.data_spec(False) == info.eval_spec
+  plain = TrainConfig(augment=False)
+  assert plain.data_spec(True) == info.eval_spec != info.train_spec

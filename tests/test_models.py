@@ -158,6 +158,13 @@ def test_resnet_param_counts(name, expected):
   assert len(jax.tree.leaves(v0["params"])) == n_kernels
   # ... and the running statistics are unchanged (mean + var per BN channel).
   assert _count(v0["batch_stats"]) == _count(v["batch_stats"]) == bn
+  # A narrower net (width w): every conv kernel scales by (w/64)^2 but the stem's, whose
+  # input has 3 channels (w/64); features by w/64.
+  narrow = models.create(name, affine=False, width=16)
+  _, vn = _abstract_init(narrow)
+  stem = 7 * 7 * 3 * 64
+  assert _count(vn["params"]) == (expected - bn - stem) // 16 + stem // 4
+  assert narrow.feature_dim * 4 == models.create(name).feature_dim
 
 
 # Conv widths of the standard VGG configurations, max-pools omitted.

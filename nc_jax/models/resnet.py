@@ -140,6 +140,9 @@ class ResNet(nn.Module):
     affine: BN scale and shift on (True) or off (False, the paper's no-bias mode).
     dtype: compute dtype (activations); ``param_dtype``: parameter dtype.
     bn_axis_name: axis name for cross-device BN statistics (pmap/shard_map), or None.
+    width: channels of the stem and first stage (64, torchvision's); stage i has
+      ``width·2^i``. Smaller widths give narrower, cheaper nets (d = 8·width for ResNet18)
+      for reduced CPU runs; the paper uses 64.
 
   Call: ``model.apply(variables, x, train=...)``; with ``train=True`` pass
   ``mutable=['batch_stats']`` (batch statistics, running averages updated); with
@@ -153,9 +156,12 @@ class ResNet(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   bn_axis_name: str | None = None
+  width: int = 64
 
   def __post_init__(self):
     object.__setattr__(self, "stage_sizes", layers.as_tuple(self.stage_sizes, "stage_sizes"))
+    if not isinstance(self.width, int) or self.width < 1:
+      raise ValueError(f"width: expected a positive integer, got {self.width!r}")
     if self.block not in BLOCKS:
       raise ValueError(f"block: expected one of {BLOCKS}, got {self.block!r}")
     if self.stem not in STEMS:
@@ -168,8 +174,9 @@ class ResNet(nn.Module):
 
   @property
   def feature_dim(self) -> int:
-    """Length d of the returned feature vector (512 for ResNet18/34, 2048 for ResNet50)."""
-    return 64 * 2 ** (len(self.stage_sizes) - 1) * self.expansion
+    """Length d of the returned feature vector (512 for ResNet18/34, 2048 for ResNet50, at
+    the default width 64)."""
+    return self.width * 2 ** (len(self.stage_sizes) - 1) * self.expansion
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -177,11 +184,11 @@ class ResNet(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     bn = dict(affine=self.affine, axis_name=self.bn_axis_name, **kw)
     if self.stem == "imagenet":
-      x = layers.conv(64, 7, 2, name="conv1", **kw)(x)
+      x = layers.conv(self.width, 7, 2, name="conv1", **kw)(x)
       x = nn.relu(layers.batch_norm(train, name="bn1", **bn)(x))
       x = layers.max_pool_torch(x, 3, 2, 1)
     else:
-      x = layers.conv(64, 3, 1, name="conv1", **kw)(x)
+      x = layers.conv(self.width, 3, 1, name="conv1", **kw)(x)
       x = nn.relu(layers.batch_norm(train, name="bn1", **bn)(x))
     self.sow("intermediates", "stem", x)
 
@@ -189,7 +196,7 @@ class ResNet(nn.Module):
     for i, n_blocks in enumerate(self.stage_sizes):
       for j in range(n_blocks):
         strides = 2 if i > 0 and j == 0 else 1
-        x = block_cls(64 * 2 ** i, strides, affine=self.affine, bn_axis_name=self.bn_axis_name,
+        x = block_cls(self.width * 2 ** i, strides, affine=self.affine, bn_axis_name=self.bn_axis_name,
                       name=f"layer{i + 1}_{j}", **kw)(x, train)
       self.sow("intermediates", f"layer{i + 1}", x)
     return layers.global_avg_pool_f32(x)
