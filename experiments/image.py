@@ -203,6 +203,9 @@ def build_parser(experiment: str) -> argparse.ArgumentParser:
                    metavar="{auto,true,false}",
                    help="TensorBoard scalars in <run>/tb (auto: when tensorboard is installed)")
   run.add_argument("--no-plot", action="store_true", help="no per-run figures")
+  run.add_argument("--distributed", action="store_true",
+                   help="several hosts: call jax.distributed.initialize() first (coordinator "
+                        "and process ids from the environment, e.g. SLURM or JAX_* variables)")
   run.add_argument("--quiet", action="store_true", help="no progress bars, a line per run")
 
   cfg = p.add_argument_group("training configuration (TrainConfig; default: the paper's recipe)")
@@ -556,6 +559,7 @@ def _compile(cfg: config_lib.TrainConfig, data: Data, mesh, steps_per_epoch: int
 def _feature_batches(compiled: _Compiled, state, split_data, labels, ids, batch_size, mesh,
                      data: Data):
   """Host ``(features, labels)`` of the examples ``ids`` (all if None), eval mode."""
+  import jax.numpy as jnp
   import numpy as np
 
   from nc_jax import loop, train
@@ -578,11 +582,12 @@ def _feature_batches(compiled: _Compiled, state, split_data, labels, ids, batch_
     plan, _ = batching.eval_indices(n, batch_size)
     if ids is not None:
       plan = np.where(plan >= 0, np.asarray(ids, np.int32)[np.maximum(plan, 0)], -1)
-    for row in plan:
+    for row in plan:  # dispatched without waiting; one transfer at the end
       h, y = compiled.features(state, images, dev_labels, loop._place(row, mesh))
-      y = np.asarray(y)
-      feats.append(np.asarray(h)[y >= 0])
-      labs.append(y[y >= 0])
+      feats.append(h)
+      labs.append(y)
+    h, y = np.asarray(jnp.concatenate(feats)), np.asarray(jnp.concatenate(labs))
+    return h[y >= 0], y[y >= 0]
   return np.concatenate(feats), np.concatenate(labs)
 
 
@@ -636,7 +641,10 @@ def run_one(cfg: config_lib.TrainConfig, method: str, options: RunOptions, data:
                  "command": " ".join([f"python -m experiments.{options.experiment}"] +
                                      sys.argv[1:]) if sys.argv else ""}
   done = folder / "done.json"
-  if options.overwrite and folder.exists():
+  # Several hosts: every process trains, process 0 alone writes the run folder (Orbax
+  # coordinates the checkpoints itself).
+  writes = jax.process_index() == 0
+  if options.overwrite and folder.exists() and writes:
     shutil.rmtree(folder)
   if done.exists() and json.loads(done.read_text()).get("epochs") == cfg.epochs:
     if not options.quiet:
@@ -697,10 +705,12 @@ def run_one(cfg: config_lib.TrainConfig, method: str, options: RunOptions, data:
     # Records after the checkpoint belong to work that is about to be redone.
     records = [r for r in _read_records(records_path) if r["epoch"] <= position["epoch"]]
   else:
-    (folder / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
-  _write_records(records_path, records)
+    if writes:
+      (folder / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
+  if writes:
+    _write_records(records_path, records)
   elapsed0 = records[-1]["elapsed"] if records else 0.0
-  writer = tb_writer.open_writer(folder / "tb", options.tensorboard)
+  writer = tb_writer.open_writer(folder / "tb", options.tensorboard if writes else False)
   progress = _Progress(title, cfg.epochs * steps_per_epoch,
                        position["epoch"] * steps_per_epoch + position["batch"], options.quiet)
   t_start = time.perf_counter()
@@ -725,8 +735,9 @@ def run_one(cfg: config_lib.TrainConfig, method: str, options: RunOptions, data:
         last_margins[:] = [tr["cosine_margins"]]
     rec["elapsed"] = elapsed0 + time.perf_counter() - t_start
     records.append(rec)
-    with open(records_path, "a") as f:
-      f.write(json.dumps(rec) + "\n")
+    if writes:
+      with open(records_path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
     if writer is not None:
       writer.scalars(rec["step"], {_tb_tag(key): v for key, v in rec.items()
                                    if key not in ("epoch", "step") and np.isfinite(v)})
@@ -762,6 +773,8 @@ def run_one(cfg: config_lib.TrainConfig, method: str, options: RunOptions, data:
     print(f"{title}: stopped at epoch {result.position['epoch']} batch "
           f"{result.position['batch']} (checkpointed); continue with --resume", flush=True)
     return "stopped"
+  if not writes:
+    return "done"
   if last_margins:
     np.save(folder / "margins.npy", np.sort(np.asarray(last_margins[0], np.float32)))
   wall = records[-1]["elapsed"] if records else 0.0
@@ -811,6 +824,9 @@ def _plot_run(folder: pathlib.Path) -> None:
 
 def main(experiment: str, argv: Sequence[str] | None = None) -> dict[tuple[str, int], str]:
   """Runs ``--methods`` × ``--seeds`` of ``experiment``; returns each run's outcome."""
+  if "--distributed" in (sys.argv[1:] if argv is None else argv):
+    import jax
+    jax.distributed.initialize()  # before anything touches the devices (parse_args does)
   options, base = parse_args(experiment, argv)
   from nc_jax import train
   mesh = train.make_mesh(select_devices(options.devices))
