@@ -50,6 +50,7 @@ import types
 import typing
 from typing import Any, Callable, Sequence
 
+from experiments.cli import parse_seeds
 from nc_jax import config as config_lib
 
 METHODS = ("standard", "fixed", "implicit", "implicit-fo")
@@ -128,25 +129,6 @@ def _field_types() -> dict[str, str]:
     args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
     out[name] = args[0].__name__
   return out
-
-
-def parse_seeds(text: str) -> tuple[int, ...]:
-  """``"3"``, ``"1-5"`` or ``"1,4,7"`` (duplicates removed, order kept)."""
-  seeds: list[int] = []
-  try:
-    for part in text.split(","):
-      part = part.strip()
-      if "-" in part[1:]:
-        lo, hi = part.split("-", 1)
-        if int(hi) < int(lo):
-          raise ValueError
-        seeds.extend(range(int(lo), int(hi) + 1))
-      else:
-        seeds.append(int(part))
-  except ValueError:
-    raise ValueError(f"--seeds: expected N, A-B (A <= B) or a comma list of integers, "
-                     f"got {text!r}") from None
-  return tuple(dict.fromkeys(seeds))
 
 
 def parse_methods(text: str) -> tuple[str, ...]:

@@ -37,6 +37,8 @@ import sys
 import time
 from typing import Sequence
 
+from experiments.cli import parse_seeds
+
 METHODS = ("standard", "fixed", "implicit", "implicit-fo")
 PRESETS = {
     "ufm10": dict(classes=10, samples_per_class=100, dim=512),
@@ -65,23 +67,6 @@ class UFMConfig:
   out: str = "runs/ufm"
   quiet: bool = False
   plot: bool = True
-
-
-def parse_seeds(text: str) -> tuple[int, ...]:
-  """``"3"``, ``"1-5"`` or ``"1,4,7"``."""
-  seeds: list[int] = []
-  try:
-    for part in text.split(","):
-      if "-" in part.strip()[1:]:
-        lo, hi = part.split("-", 1)
-        seeds.extend(range(int(lo), int(hi) + 1))
-      else:
-        seeds.append(int(part))
-  except ValueError:
-    raise ValueError(f"--seeds: expected N, A-B or a comma list, got {text!r}") from None
-  if not seeds:
-    raise ValueError(f"--seeds: expected at least one seed, got {text!r}")
-  return tuple(seeds)
 
 
 def build_parser() -> argparse.ArgumentParser:
