@@ -278,7 +278,8 @@ def report_tables(runs: dict[str, list[Run]], epochs: Sequence[int]) -> list[dic
 
   Tables: ``top1`` (``train_top1``/``test_top1`` at each chosen epoch; runs
   without that epoch are left out, so ``n`` < ``total``), ``final_nc`` (each
-  run's last NC epoch; ``epoch`` is that epoch, or ``"a-b"`` when seeds differ)
+  finished run's last NC epoch — unfinished runs count only if no run of the method
+  finished; ``epoch`` is that epoch, or ``"a-b"`` when seeds differ)
   and ``convergence`` (``epochs_to_*``/``seconds_to_*``; ``n`` = seeds that got
   there, ``epoch`` empty).
   """
@@ -290,8 +291,11 @@ def report_tables(runs: dict[str, list[Run]], epochs: Sequence[int]) -> list[dic
         rows.append(_row("top1", method, "top1", split, epoch,
                          [rec.get(f"{split}_top1") for rec in recs], len(rs)))
   for method, rs in runs.items():
+    # An unfinished run's last NC epoch is not a final state: only finished runs count when
+    # the method has any (n shows how many).
+    done = [r for r in rs if r.finished] or rs
     for split in ("train", "test"):
-      last = [(r, _last_nc_record(r, split)) for r in rs]
+      last = [(r, _last_nc_record(r, split)) for r in done]
       for key in NC_KEYS:
         got = [(rec["epoch"], rec.get(f"nc_{split}_{key}")) for _, rec in last if rec is not None]
         got = [(e, v) for e, v in got if _value(v) is not None]
