@@ -1,0 +1,47 @@
+"""The performance report: a timed epoch end to end, and the one table from saved results."""
+
+import json
+
+from benchmarks import perf_report
+
+
+def test_timed_epoch_and_missing_parts(tmp_path):
+  text = perf_report.main(["--quick", "--out", str(tmp_path), "--skip", "solver,train_step",
+                           "--epoch-args", "--source synthetic --num-examples 256"])
+  assert "| solver | missing |" in text and "| train step | missing |" in text
+  epoch = json.loads((tmp_path / "epoch.json").read_text())
+  assert epoch["returncode"] == 0 and [r["epoch"] for r in epoch["records"]] == [1, 2]
+  assert "4 steps" in text and "ms/step" in text          # 256 examples / batch 64
+  assert (tmp_path / "report.md").read_text().strip() == text.strip()
+
+
+def _env(kind):
+  return {"device_kind": kind, "device_count": 1, "python": "3.12", "jax": "0.11.2",
+          "date_utc": "2026-11-27"}
+
+
+def test_table_from_saved_results(tmp_path):
+  fb = lambda ms: {"forward_backward": {"median_ms": ms}}
+  (tmp_path / "solver.json").write_text(json.dumps({"environment": _env("H100"), "results": [
+      {"d": 512, "K": 10, "variant": "polar-svd", "skipped": None, **fb(0.5)},
+      {"d": 512, "K": 10, "variant": "dense-ddn", "skipped": None, **fb(5.0)},
+      {"d": 2048, "K": 1000, "variant": "polar-svd", "skipped": None, **fb(20.0)},
+      {"d": 2048, "K": 1000, "variant": "dense-ddn", "skipped": "needs 1 TiB"}]}))
+  head = lambda name, ms, ratio: {"K": 10, "batch": 256, "head": name, "median_ms": ms,
+                                  "images_per_s": 256e3 / ms, "back_to_back_ms": ms * 0.9,
+                                  "ratio_to_standard": ratio, "ratio_to_standard_min": ratio}
+  (tmp_path / "train_step.json").write_text(json.dumps({
+      "environment": _env("H100"), "settings": {"head_model": "ResNet18"},
+      "heads": [head("standard", 2.0, 1.0), head("implicit", 2.4, 1.2)],
+      "throughput": {"model": "R18 bf16", "batch": 512, "images_per_s": 50000.0,
+                     "tflops_nominal": 166.5, "tflops_xla": 150.0, "peak_fraction": 0.168,
+                     "peak_source": "H100 SXM"},
+      "targets": [{"name": "implicit/standard <= 1.05", "measured": 1.2, "met": False}]}))
+  text = perf_report.render(tmp_path)
+  assert "| solver fwd+bwd, d=512, K=10 (polar-SVD, implicit VJP) | 0.5 ms | dense DDN 5 ms → 10× faster |" in text
+  assert "dense DDN not run (needs 1 TiB)" in text
+  assert "| implicit/standard step ratio, K=10, B=256 | 1.200 |" in text
+  assert "| step of ResNet18, K=10, B=256 (standard head) | 2 ms | 128000 images/s" in text
+  assert "50000 images/s" in text and "16.8% of peak (H100 SXM)" in text
+  assert "| target: implicit/standard <= 1.05 | 1.2 | MISSED |" in text
+  assert "| epoch | missing |" in text
