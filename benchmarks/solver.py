@@ -69,6 +69,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from typing import Any, Callable, Sequence
 
@@ -295,8 +296,12 @@ def benchmark_variant(variant: str, inputs: Inputs, policy: common.RepeatPolicy,
 
 def run_benchmarks(sizes: Sequence[tuple[int, int]], variants: Sequence[str],
                    policy: common.RepeatPolicy, ddn_budget_bytes: float | None,
-                   seed: int = 0) -> list[Result]:
-  """All (size, variant) results in table order; dense-ddn is executed last (device peak)."""
+                   seed: int = 0, on_result=None) -> list[Result]:
+  """All (size, variant) results in table order; dense-ddn is executed last (device peak).
+
+  ``on_result(results_so_far)`` is called after each measurement (partial JSON, so a run
+  stopped by a time limit keeps what it measured).
+  """
   inputs = {}
   schedule = [(s, v) for s in sizes for v in variants if v != DDN]
   schedule += [(s, DDN) for s in sizes if DDN in variants]
@@ -307,6 +312,8 @@ def run_benchmarks(sizes: Sequence[tuple[int, int]], variants: Sequence[str],
     result = benchmark_variant(variant, inputs[size], policy, ddn_budget_bytes)
     _log(result)
     done[size, variant] = result
+    if on_result is not None:
+      on_result(list(done.values()))
   results = [done[s, v] for s in sizes for v in variants]
   for r in results:
     ddn = done.get(((r.d, r.k), DDN))
@@ -460,13 +467,19 @@ def main(argv: Sequence[str] | None = None) -> int:
       "ddn_budget": "unknown" if budget is None else f"{_gib(budget)} ({budget_of})",
       "ddn_budget_bytes": budget,
   }
-  results = run_benchmarks(sizes, args.variants, policy, budget, seed=args.seed)
+  def write_json(results, complete):
+    if args.json:
+      tmp = args.json + ".tmp"
+      with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"environment": env, "settings": settings, "complete": complete,
+                   "results": [r.as_json() for r in results]}, f, indent=2)
+        f.write("\n")
+      os.replace(tmp, args.json)
+
+  results = run_benchmarks(sizes, args.variants, policy, budget, seed=args.seed,
+                           on_result=lambda partial: write_json(partial, False))
   print(report(env, settings, results))
-  if args.json:
-    with open(args.json, "w", encoding="utf-8") as f:
-      json.dump({"environment": env, "settings": settings,
-                 "results": [r.as_json() for r in results]}, f, indent=2)
-      f.write("\n")
+  write_json(results, True)
   return 0
 
 

@@ -10,7 +10,9 @@ def test_solver_benchmark_quick_run(tmp_path, capsys):
   assert solver_benchmark.main(["--quick", "--json", str(out)]) == 0
   table = capsys.readouterr().out
   assert "polar-svd" in table and "dense-ddn" in table
-  rows = json.loads(out.read_text())["results"]
+  saved = json.loads(out.read_text())
+  assert saved["complete"] is True          # (partial files say False while it runs)
+  rows = saved["results"]
   measured = [r for r in rows if not r["skipped"]]
   assert {r["variant"] for r in measured} >= {"polar-svd", "polar-eigh", "rgd-warm", "dense-ddn"}
   for r in measured:
