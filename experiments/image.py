@@ -21,7 +21,7 @@ One invocation runs ``--methods`` × ``--seeds`` in turn (``--method`` and
   epochs, and every ``--nc-every`` epochs (1, 1+n, 1+2n, …, as the official
   code, and the last) the neural-collapse metrics of
   :func:`nc_jax.metrics.nc_metrics` on the un-augmented train and test splits as
-  ``nc_train_<key>`` / ``nc_test_<key>``;
+  ``nc_train_<key>`` / ``nc_test_<key>`` (and ``nc_seconds``, the time they took);
 * ``margins.npy`` — the sorted per-sample train cosine margins at the end;
 * ``checkpoints/`` (Orbax; every ``--checkpoint-every`` epochs, at the end and
   on SIGINT/SIGTERM), ``tb/`` (TensorBoard scalars, when installed),
@@ -706,6 +706,7 @@ def run_one(cfg: config_lib.TrainConfig, method: str, options: RunOptions, data:
     if "eval" in fit_record:
       rec.update({f"test_{m}": fit_record["eval"][m] for m in ("loss", "top1", "top5")})
     if (e - 1) % options.nc_every == 0 or e == cfg.epochs:
+      t_nc = time.perf_counter()
       current = holder["state"]
       tr = nc_pass(compiled, current, nc_train, data.train_labels, nc_ids, cfg.batch_size, mesh,
                    data)
@@ -715,6 +716,7 @@ def run_one(cfg: config_lib.TrainConfig, method: str, options: RunOptions, data:
       rec.update(_nc_record(te, "nc_test_"))
       if tr["cosine_margins"] is not None:
         last_margins[:] = [tr["cosine_margins"]]
+      rec["nc_seconds"] = time.perf_counter() - t_nc
     rec["elapsed"] = elapsed0 + time.perf_counter() - t_start
     records.append(rec)
     if writes:
