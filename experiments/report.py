@@ -249,7 +249,10 @@ def default_epochs(runs: dict[str, list[Run]]) -> list[int]:
 
 def convergence_criteria() -> list[tuple[str, str, str, Callable[[float], bool]]]:
   """``(name, label, key, predicate)`` of the convergence table's rows."""
-  out = [("train_top1_100", "train top-1 = 100 % (augmented running mean)", "train_top1",
+  # 99.9 % as well as 100 %: on a small training set one stubborn example decides the latter.
+  out = [("train_top1_99.9", "train top-1 ≥ 99.9 % (running mean)", "train_top1",
+          lambda v: v >= 99.9),
+         ("train_top1_100", "train top-1 = 100 % (augmented running mean)", "train_top1",
           lambda v: v >= FULL_TOP1),
          ("nc_train_top1_100", "train top-1 = 100 % (NC pass, un-augmented)", "nc_train_top1",
           lambda v: v >= FULL_TOP1)]

@@ -211,6 +211,9 @@ def test_convergence_table(experiment):
   rows = report.report_tables(runs, [6])
   # standard: train_top1 hits 100 at epochs 4 (seed 1) and 5 (seed 2); seed 3 never.
   check(find(rows, "convergence", "standard", "epochs_to_train_top1_100"), [4, 5])
+  # 99.9 % is reached no later than 100 %.
+  lenient = find(rows, "convergence", "standard", "epochs_to_train_top1_99.9")
+  assert lenient["n"] >= 2 and lenient["max"] <= 5
   check(find(rows, "convergence", "standard", "seconds_to_train_top1_100"),
         [elapsed(4, 1), elapsed(5, 2)])
   check(find(rows, "convergence", "standard", "epochs_to_nc_train_top1_100"), [4, 6])
