@@ -377,6 +377,13 @@ def render_markdown(folder: str | pathlib.Path, runs: dict[str, list[Run]], rows
   lines.append(f"- dataset: {config_values('dataset')}; model: {config_values('model')}; "
                f"optimizer: {config_values('optimizer')}; batch size: "
                f"{config_values('batch_size')}; epochs: {config_values('epochs')}")
+  # What else makes these runs differ from the paper's recipe (only when recorded).
+  extra = [(k, config_values(k)) for k in ("stem", "width", "augment", "source", "tau")]
+  options = [(k, ", ".join(_distinct(r.config.get("options", {}).get(k) for r in all_runs)))
+             for k in ("train_examples", "test_examples", "nc_every")]
+  details = [f"{k}: {v}" for k, v in extra + options if v and v not in ("?", "None")]
+  if details:
+    lines.append("- " + "; ".join(details))
   for method, rs in runs.items():
     done = sum(r.finished for r in rs)
     lines.append(f"- {method}: seeds {', '.join(str(r.seed) for r in rs)} "
