@@ -55,7 +55,7 @@ CSV_COLUMNS = ("table", "method", "metric", "split", "epoch", "n", "median", "mi
 EXPECTED = "<dir>/<method>/seed-<n>/metrics.jsonl"
 #: (key, title, y scale) of the panels of ``metrics.png``.
 PANELS = (
-    ("train_top1", "train top-1 (%, augmented running mean)", "linear"),
+    ("train_top1", "train top-1 (%, running mean over batches)", "linear"),
     ("test_top1", "test top-1 (%)", "linear"),
     ("train_loss", "train loss", "log"),
     ("nc_train_nc1", "NC1 (train)", "log"),
@@ -252,7 +252,7 @@ def convergence_criteria() -> list[tuple[str, str, str, Callable[[float], bool]]
   # 99.9 % as well as 100 %: on a small training set one stubborn example decides the latter.
   out = [("train_top1_99.9", "train top-1 ≥ 99.9 % (running mean)", "train_top1",
           lambda v: v >= 99.9),
-         ("train_top1_100", "train top-1 = 100 % (augmented running mean)", "train_top1",
+         ("train_top1_100", "train top-1 = 100 % (running mean)", "train_top1",
           lambda v: v >= FULL_TOP1),
          ("nc_train_top1_100", "train top-1 = 100 % (NC pass, un-augmented)", "nc_train_top1",
           lambda v: v >= FULL_TOP1)]
@@ -423,8 +423,9 @@ def render_markdown(folder: str | pathlib.Path, runs: dict[str, list[Run]], rows
                    _mean_std(te, "acc")])
   lines += _table(["method", "epoch", "n", "train median [min, max]", "train mean ± std", "n",
                    "test median [min, max]", "test mean ± std"], body)
-  lines += ["", "Train top-1 is the running mean over the epoch's augmented training batches "
-            "(`train_top1`); test top-1 is `test_top1`. n: seeds with that epoch / seeds."]
+  lines += ["", "Train top-1 is the running mean over the epoch's training batches (augmented "
+            "unless --no-augment; `train_top1`); test top-1 is `test_top1`. n: seeds with that "
+            "epoch / seeds."]
 
   lines += ["", "## Final neural-collapse metrics (last NC epoch of each run)", ""]
   body = []

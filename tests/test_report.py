@@ -245,7 +245,7 @@ def test_main_writes_report_csv_and_figures(experiment, tmp_path, capsys):
                "| standard | 6 | 3/3 | 100.00 [99.00, 100.00] | 99.67 ± 0.58 |",
                "| nc1 | standard | 6 | 3/3 | 5.00e-03 [5.00e-04, 9.00e-02] |",
                "| nc3 | fixed | 6 | 3/3 | 0.2600 [0.1600, 0.3600] | 0.2600 ± 0.1000 | 2/3 |",
-               "| standard | train top-1 = 100 % (augmented running mean) | 2/3 | 4.5 [4, 5] | "
+               "| standard | train top-1 = 100 % (running mean) | 2/3 | 4.5 [4, 5] | "
                "46.5 [41.0, 52.0] |",
                "| fixed | train NC1 < 1e-03 | 0/3 | – | – |"):
     assert text in md, text
