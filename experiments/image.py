@@ -684,6 +684,10 @@ def run_one(cfg: config_lib.TrainConfig, method: str, options: RunOptions, data:
   checkpointer = Checkpointer(ckpt_dir, keep=options.keep)
   if has_ckpt:
     state, position = checkpointer.restore(state)
+    if position["epoch"] > cfg.epochs:
+      checkpointer.close()
+      raise ValueError(f"{folder}: the checkpoint is at epoch {position['epoch']}, past "
+                       f"--epochs {cfg.epochs}; resume with --epochs >= {position['epoch']}")
     # Records after the checkpoint belong to work that is about to be redone.
     records = [r for r in _read_records(records_path) if r["epoch"] <= position["epoch"]]
   else:
@@ -780,14 +784,17 @@ def _tb_tag(key: str) -> str:
 
 
 def _check_same_run(folder: pathlib.Path, config_json: dict) -> None:
-  """A resumed run must compute the same thing (only ``epochs`` may grow)."""
+  """A resumed run must compute the same thing (only ``epochs`` may grow, and only at a
+  constant learning rate: a schedule is laid out over the whole run)."""
   path = folder / "config.json"
   if not path.exists():
     return
   saved = json.loads(path.read_text()).get("train_config", {})
   now = config_json["train_config"]
+  # More epochs are fine at a constant learning rate; a schedule spans the whole run.
+  free = ("epochs",) if now.get("schedule") == "constant" else ()
   diff = [f"{k}: saved {saved.get(k)!r}, now {now[k]!r}" for k in now
-          if k != "epochs" and saved.get(k) != now[k]]
+          if k not in free and saved.get(k) != now[k]]
   if diff:
     raise ValueError(f"{folder}: --resume with a different configuration ("
                      + "; ".join(diff) + "); use the saved one or --overwrite")

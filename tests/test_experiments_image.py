@@ -273,6 +273,12 @@ def test_resume_equals_uninterrupted(tmp_path, capsys):
   np.testing.assert_array_equal(np.load(folder / "margins.npy"),
                                 np.load(tmp_path / "full" / "cifar10" / "implicit" / "seed-1"
                                         / "margins.npy"))
+  # A finished run can be extended (--resume with more epochs), not shortened.
+  with pytest.raises(ValueError, match="past --epochs 2; resume with --epochs >= 3"):
+    cifar10.main(part + ["--resume", "--epochs", "2"])
+  assert cifar10.main(part + ["--resume", "--epochs", "4"]) == {("implicit", 1): "done"}
+  assert [r["epoch"] for r in records(folder)] == [1, 2, 3, 4]
+  assert json.loads((folder / "done.json").read_text())["epochs"] == 4
   # --overwrite starts again.
   assert cifar10.main(part + ["--overwrite", "--epochs", "1"]) == {("implicit", 1): "done"}
   assert len(records(folder)) == 1
