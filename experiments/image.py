@@ -50,10 +50,8 @@ import types
 import typing
 from typing import Any, Callable, Sequence
 
-from experiments.cli import parse_seeds
+from experiments.cli import METHODS, parse_methods, parse_seeds
 from nc_jax import config as config_lib
-
-METHODS = ("standard", "fixed", "implicit", "implicit-fo")
 
 # Per experiment: TrainConfig overrides of the paper recipe, and how often the NC metrics run.
 PRESETS = types.MappingProxyType({
@@ -129,15 +127,6 @@ def _field_types() -> dict[str, str]:
     args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
     out[name] = args[0].__name__
   return out
-
-
-def parse_methods(text: str) -> tuple[str, ...]:
-  methods = tuple(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
-  bad = [m for m in methods if m not in METHODS]
-  if bad or not methods:
-    raise ValueError(f"--methods: expected a comma list of {', '.join(METHODS)}; got {text!r}"
-                     + (f" (unknown: {', '.join(bad)})" if bad else ""))
-  return methods
 
 
 def build_parser(experiment: str) -> argparse.ArgumentParser:
@@ -263,7 +252,6 @@ def parse_args(experiment: str, argv: Sequence[str] | None = None
   try:
     for method in methods:
       config_for(base, method, seeds[0]).validate()
-    _check_devices(args.devices)
     n_devices = len(select_devices(args.devices))
     if base.batch_size % n_devices:
       raise ValueError(f"--batch-size: expected a multiple of the number of devices "
@@ -287,9 +275,17 @@ def config_for(base: config_lib.TrainConfig, method: str, seed: int) -> config_l
   return dataclasses.replace(base, method=kind, forward_only=method == "implicit-fo", seed=seed)
 
 
-def _check_devices(text: str) -> None:
+def select_devices(text: str) -> list:
+  """The devices ``--devices`` names: ``all`` (every process's), a count ``N`` (the first N)
+  or a comma list of indices.
+
+  Raises:
+    ValueError: naming ``--devices``, for anything else or more devices than exist.
+  """
+  import jax
+  devices = jax.devices()
   if text == "all":
-    return
+    return devices
   try:
     values = [int(x) for x in text.split(",")]
   except ValueError:
@@ -297,16 +293,7 @@ def _check_devices(text: str) -> None:
   if not values or min(values) < (1 if len(values) == 1 else 0):
     raise ValueError(f"--devices: expected 'all', a count N >= 1 or a comma list of device "
                      f"indices, got {text!r}")
-
-
-def select_devices(text: str) -> list:
-  """The devices ``--devices`` names (all processes' devices for ``all``)."""
-  import jax
-  devices = jax.devices()
-  if text == "all":
-    return devices
-  values = [int(x) for x in text.split(",")]
-  if len(values) == 1 and "," not in text:
+  if len(values) == 1:
     if values[0] > len(devices):
       raise ValueError(f"--devices: asked for {values[0]} devices, only {len(devices)} exist")
     return devices[:values[0]]
@@ -347,6 +334,7 @@ class Data:
   test: Any
   train_labels: Any     # (N,) host labels; streaming: None unless stratified or subset
   test_labels: Any
+  on_device: Any = None  # device pipeline: ((images, labels) train, test) replicated on the mesh
 
   @property
   def num_train(self) -> int:
@@ -547,6 +535,8 @@ def _feature_batches(compiled: _Compiled, state, split_data, labels, ids, batch_
   from nc_jax import loop, train
   from nc_jax.data import batching
   from nc_jax.data.streaming import StreamingLoader
+  # Batches are dispatched without waiting; the features come back in one transfer, and
+  # padding (label -1) is dropped on the host.
   feats, labs = [], []
   if data.stream:
     src = split_data if ids is None else _Subset(split_data, ids)
@@ -554,23 +544,22 @@ def _feature_batches(compiled: _Compiled, state, split_data, labels, ids, batch_
                              num_threads=8)
     with loader.epoch(0) as it:
       for batch in it:
-        x = train.global_batch(batch.images, mesh)
-        h = np.asarray(compiled.features(state, x))
-        feats.append(h[batch.mask])
-        labs.append(batch.labels[batch.mask])
+        feats.append(compiled.features(state, train.global_batch(batch.images, mesh)))
+        labs.append(np.where(batch.mask, batch.labels, -1))
+    y = np.concatenate(labs)
   else:
     images, dev_labels = split_data
     n = int(labels.shape[0]) if ids is None else len(ids)
     plan, _ = batching.eval_indices(n, batch_size)
     if ids is not None:
       plan = np.where(plan >= 0, np.asarray(ids, np.int32)[np.maximum(plan, 0)], -1)
-    for row in plan:  # dispatched without waiting; one transfer at the end
+    for row in plan:
       h, y = compiled.features(state, images, dev_labels, loop._place(row, mesh))
       feats.append(h)
       labs.append(y)
-    h, y = np.asarray(jnp.concatenate(feats)), np.asarray(jnp.concatenate(labs))
-    return h[y >= 0], y[y >= 0]
-  return np.concatenate(feats), np.concatenate(labs)
+    y = np.asarray(jnp.concatenate(labs))
+  h = np.asarray(jnp.concatenate(feats))
+  return h[y >= 0], y[y >= 0]
 
 
 def nc_pass(compiled: _Compiled, state, split_data, labels, ids, batch_size, mesh, data: Data
@@ -658,13 +647,9 @@ def run_one(cfg: config_lib.TrainConfig, method: str, options: RunOptions, data:
     cache[key] = _compile(cfg, data, mesh, steps_per_epoch)
   compiled = cache[key]
   if not data.stream:
-    placed = cache.setdefault("_placed", {})
-    if "train" not in placed:
-      placed["train"] = train.replicate(tuple(map(jax.numpy.asarray, data.train)), mesh)
-      placed["test"] = train.replicate(tuple(map(jax.numpy.asarray, data.test)), mesh)
-    train_data = loop.DeviceData(*placed["train"], cfg.data_spec(True))
-    eval_data = loop.DeviceData(*placed["test"], data.info.spec(False))
-    nc_train, nc_test = placed["train"], placed["test"]
+    nc_train, nc_test = data.on_device
+    train_data = loop.DeviceData(*nc_train, cfg.data_spec(True))
+    eval_data = loop.DeviceData(*nc_test, data.info.spec(False))
   else:
     nc_train, nc_test = data.train, data.test
   nc_size = options.nc_examples or (50_000 if data.stream else None)
@@ -822,6 +807,8 @@ def main(experiment: str, argv: Sequence[str] | None = None) -> dict[tuple[str, 
   from nc_jax import train
   mesh = train.make_mesh(select_devices(options.devices))
   data = load_data(base, options)
+  if not data.stream:  # once for the whole sweep
+    data.on_device = train.replicate((data.train, data.test), mesh)
   if not options.quiet:
     print(f"{experiment}: {base.model} ({base.stem} stem), {base.optimizer}, batch "
           f"{base.batch_size}, {base.epochs} epochs, {data.num_train} train / "

@@ -337,6 +337,11 @@ def _mean_std(row: dict, kind: str) -> str:
   return "–" if not row["n"] else f"{_fmt(row['mean'], kind)} ± {_fmt(row['std'], kind)}"
 
 
+def _cells(row: dict, kind: str) -> list[str]:
+  """``n/total``, median [range] and mean ± std of one split's row."""
+  return [f"{row['n']}/{row['total']}", _median_range(row, kind), _mean_std(row, kind)]
+
+
 def _table(head: list[str], body: list[list[str]]) -> list[str]:
   lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
   return lines + ["| " + " | ".join(r) + " |" for r in body]
@@ -418,9 +423,7 @@ def render_markdown(folder: str | pathlib.Path, runs: dict[str, list[Run]], rows
   for method in runs:
     for epoch in epochs:
       tr, te = (find("top1", method, "top1", s, epoch) for s in ("train", "test"))
-      body.append([method, str(epoch), f"{tr['n']}/{tr['total']}", _median_range(tr, "acc"),
-                   _mean_std(tr, "acc"), f"{te['n']}/{te['total']}", _median_range(te, "acc"),
-                   _mean_std(te, "acc")])
+      body.append([method, str(epoch), *_cells(tr, "acc"), *_cells(te, "acc")])
   lines += _table(["method", "epoch", "n", "train median [min, max]", "train mean ± std", "n",
                    "test median [min, max]", "test mean ± std"], body)
   lines += ["", "Train top-1 is the running mean over the epoch's training batches (augmented "
@@ -433,9 +436,8 @@ def render_markdown(folder: str | pathlib.Path, runs: dict[str, list[Run]], rows
     kind = "sci" if key == "nc1" else "acc" if key == "top1" else "num"
     for method in runs:
       tr, te = (find("final_nc", method, key, s) for s in ("train", "test"))
-      body.append([key, method, str(tr["epoch"] or te["epoch"] or "–"),
-                   f"{tr['n']}/{tr['total']}", _median_range(tr, kind), _mean_std(tr, kind),
-                   f"{te['n']}/{te['total']}", _median_range(te, kind), _mean_std(te, kind)])
+      body.append([key, method, str(tr["epoch"] or te["epoch"] or "–"), *_cells(tr, kind),
+                   *_cells(te, kind)])
   lines += _table(["metric", "method", "epoch", "n", "train median [min, max]",
                    "train mean ± std", "n", "test median [min, max]", "test mean ± std"], body)
   lines += ["", "From the NC passes over the un-augmented train and test splits (`nc_train_*`, "

@@ -37,9 +37,7 @@ import sys
 import time
 from typing import Sequence
 
-from experiments.cli import parse_seeds
-
-METHODS = ("standard", "fixed", "implicit", "implicit-fo")
+from experiments.cli import METHODS, parse_methods, parse_seeds
 PRESETS = {
     "ufm10": dict(classes=10, samples_per_class=100, dim=512),
     "ufm100": dict(classes=100, samples_per_class=100, dim=512),
@@ -98,11 +96,8 @@ def config_from_args(argv: Sequence[str] | None = None) -> UFMConfig:
   parser = build_parser()
   args = parser.parse_args(argv)
   preset = PRESETS[args.preset]
-  methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-  bad = [m for m in methods if m not in METHODS]
-  if bad or not methods:
-    parser.error(f"--methods: expected a comma list of {', '.join(METHODS)}, got {args.methods!r}")
   try:
+    methods = parse_methods(args.methods)
     seeds = parse_seeds(args.seeds)
   except ValueError as err:
     parser.error(str(err))
