@@ -52,6 +52,7 @@ from typing import Any, Callable, Sequence
 
 from experiments.cli import METHODS, parse_methods, parse_seeds
 from nc_jax import config as config_lib
+from nc_jax import solver as solver_lib
 
 # Per experiment: TrainConfig overrides of the paper recipe, and how often the NC metrics run.
 PRESETS = types.MappingProxyType({
@@ -68,7 +69,7 @@ PRESETS = types.MappingProxyType({
 _CHOICES = {
     "source": None, "model": None, "stem": ("imagenet", "cifar"),
     "compute_dtype": tuple(config_lib.COMPUTE_DTYPES), "loss": None, "optimizer": None,
-    "schedule": None, "solver": ("polar", "rgd"), "factorisation": ("svd", "eigh", "qdwh"),
+    "schedule": None, "solver": solver_lib.METHODS, "factorisation": solver_lib.FACTORISATIONS,
 }
 # TrainConfig fields that are not flags: the preset fixes the dataset; method and seed come
 # from --method(s)/--seed(s) (the forward-only ablation is the method "implicit-fo").

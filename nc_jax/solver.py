@@ -22,7 +22,9 @@ Two solvers compute it:
 
 * ``method="polar"``: the closed form, by a choice of factorisation
   (``"svd"``; ``"eigh"``: eigendecomposition of the K×K Gram matrix plus one
-  Newton refinement; ``"qdwh"``: the QR-based dynamically weighted Halley iteration).
+  Newton refinement; ``"qdwh"``: the QR-based dynamically weighted Halley iteration;
+  ``"newton_schulz"``: scaled Newton–Schulz, matrix products only, forward and
+  backward — :mod:`nc_jax.newton_schulz`).
 * ``method="rgd"``: Riemannian gradient descent on :math:`St(d,K)` with the
   sign-fixed QR retraction, warm-started at :math:`P_{prev}`, Barzilai–Borwein
   trial steps and Armijo backtracking (monotone decrease), stopped on the
@@ -40,7 +42,11 @@ gives the tangent part :math:`\Omega = P^T dP` from the Lyapunov equation
    \frac{\partial L}{\partial B} = P\,V\tilde\Omega V^T + (\bar G - PA)\,S^{-1},
    \qquad \tilde\Omega_{ij} = \frac{(V^TAV)_{ij} - (V^TAV)_{ji}}{\sigma_i + \sigma_j},
 
-and :math:`\partial L/\partial\bar Y = c\,(\partial L/\partial B)\,M`. Only
+and :math:`\partial L/\partial\bar Y = c\,(\partial L/\partial B)\,M`. In the
+original basis :math:`V\tilde\Omega V^T` is the solution :math:`\Omega'` of
+:math:`S\Omega' + \Omega'S = A - A^T`: ``"newton_schulz"`` solves it (and
+:math:`S^{-1}`, from :math:`SY + YS = 2I`) by products only; the other choices
+diagonalise S with one K×K ``eigh``. Only
 :math:`1/(\sigma_i+\sigma_j) \le 1/(2\sigma_{min})` appears, never the
 :math:`1/(\sigma_i^2-\sigma_j^2)` of an SVD derivative, so it stays finite at
 neural collapse where the singular values of :math:`\bar YM` coincide. Cost
@@ -57,6 +63,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -64,12 +71,12 @@ import jax.numpy as jnp
 from jax import lax
 
 from nc_jax import _validation as v
-from nc_jax import stiefel
+from nc_jax import newton_schulz, stiefel
 from nc_jax._linalg import centre_columns, mm, mtm, skew, sym
 from nc_jax.geometry import frobenius_normalise
 
 METHODS = ("polar", "rgd")
-FACTORISATIONS = ("svd", "eigh", "qdwh")
+FACTORISATIONS = ("svd", "eigh", "qdwh", "newton_schulz")
 DEFAULT_DELTA = 1e-3
 
 
@@ -77,7 +84,7 @@ class SolverInfo(NamedTuple):
   """Diagnostics of one solve (no gradient).
 
   Attributes:
-    iterations: int32 scalar; RGD iterations, QDWH iterations, else 0.
+    iterations: int32 scalar; RGD, QDWH or Newton–Schulz iterations, else 0.
     grad_norm: scalar, Frobenius norm of the Riemannian gradient
       :math:`P\\,\\mathrm{sym}(P^TB) - B` at the returned point (0 = optimal).
   """
@@ -166,7 +173,9 @@ def nearest_etf(
     delta: proximal weight δ > 0 (paper: 1e-3).
     method: ``"polar"`` (exact closed form) or ``"rgd"`` (Riemannian gradient
       descent from ``prox``).
-    factorisation: for ``method="polar"``: ``"svd"``, ``"eigh"`` or ``"qdwh"``.
+    factorisation: for ``method="polar"``: ``"svd"``, ``"eigh"``, ``"qdwh"`` or
+      ``"newton_schulz"`` (matrix products only, forward and backward: no
+      cuSOLVER/LAPACK call; see :func:`newton_schulz_bound`).
     tol: RGD stop on the Riemannian gradient norm, relative to
       :math:`\|B\|_F`; default ``4·eps`` of the dtype (the gradient's rounding
       floor is ~1–2 eps; float32 at K = 10 needs ``tol=eps`` for 1e-5 agreement
@@ -269,18 +278,21 @@ def _polar_eigh(b):
   r"""Polar factor from eigh of the Gram matrix, then one Newton correction.
 
   :math:`P_0 = BV\Sigma^{-1}V^T` from :math:`B^TB = V\Sigma^2V^T` loses accuracy
-  like :math:`\kappa(B)^2\varepsilon` (1e-4 in float32 at K = 10). Two
-  Newton–Schulz steps restore orthonormality; one Newton step for the polar
+  like :math:`\kappa(B)^2\varepsilon` (1e-4 in float32 at K = 10); beyond
+  :math:`\kappa \approx \varepsilon^{-1/2}` (3,000 in float32) the smallest computed
+  eigenvalues are rounding noise, possibly negative, so they are floored at
+  :math:`\varepsilon\lambda_{max}` (finite :math:`P_0`, never NaN). Newton–Schulz
+  steps then restore orthonormality (:func:`nc_jax.newton_schulz.orthonormalise`:
+  two when κ is moderate, more after flooring); one Newton step for the polar
   factor (:math:`P \leftarrow P\,\mathrm{cay}(\Omega)`, :math:`S\Omega+\Omega S =
   2\,\mathrm{skew}(P^TB)`, S = sym(PᵀB)) restores symmetry of PᵀB, i.e. optimality.
   """
   k = b.shape[-1]
   eye = jnp.eye(k, dtype=b.dtype)
   lam, vecs = jnp.linalg.eigh(mtm(b, b))
-  sig = jnp.sqrt(jnp.maximum(lam, jnp.finfo(b.dtype).tiny))
+  sig = jnp.sqrt(jnp.maximum(lam, jnp.finfo(b.dtype).eps * lam[-1]))
   p = mm(b, mm(vecs / sig, vecs.T))
-  for _ in range(2):
-    p = stiefel.newton_schulz_step(p)
+  p, _ = newton_schulz.orthonormalise(p)
   h = mtm(p, b)
   sig, vecs = jnp.linalg.eigh(sym(h))
   c = mtm(vecs, mm(2.0 * skew(h), vecs))
@@ -292,6 +304,24 @@ def _polar_eigh(b):
 def _polar_qdwh(b):
   u, _, iterations, _ = lax.linalg.qdwh(b)
   return u, jnp.asarray(iterations, jnp.int32)
+
+
+def newton_schulz_bound(delta: float, num_classes: int) -> float:
+  r"""Lower bound of :math:`\sigma_{min}(B)/\|B\|_F` that sizes the Newton–Schulz schedule.
+
+  :math:`B = c\bar YM + \delta P_{prev}` maps the direction :math:`v = 1/\sqrt K`
+  (which M annihilates) to :math:`\delta P_{prev}v`, so :math:`\sigma_{min}(B) \le
+  \delta`; in training and in our tests it stays within a factor 0.6–1 of δ (BUILD_NOTES
+  §2b). With :math:`\|\bar Y\|_F = 1`, :math:`\|B\|_F \le c + \delta\sqrt K`. The bound
+  :math:`\delta/(4(c + \delta\sqrt K))` allows a factor 4; below it the solver's
+  convergence check adds classical steps, so the result stays exact.
+  """
+  c = 2.0 / math.sqrt(num_classes - 1)
+  return min(1.0, delta / (4.0 * (c + delta * math.sqrt(num_classes))))
+
+
+def _polar_newton_schulz(b, delta):
+  return newton_schulz.polar(b, newton_schulz_bound(delta, b.shape[-1]))
 
 
 _POLAR = {"svd": _polar_svd, "eigh": _polar_eigh, "qdwh": _polar_qdwh}
@@ -362,7 +392,9 @@ def _rgd(b: jax.Array, x0: jax.Array, tol: float, max_iterations: int):
 
 def _forward(config: _Config, y: jax.Array, prox: jax.Array):
   b = _procrustes_target(y, prox, config.delta)
-  if config.method == "polar":
+  if config.method == "polar" and config.factorisation == "newton_schulz":
+    p, iterations = _polar_newton_schulz(b, config.delta)
+  elif config.method == "polar":
     p, iterations = _POLAR[config.factorisation](b)
   else:
     p, iterations = _rgd(b, prox, config.tol, config.max_iterations)
@@ -395,6 +427,26 @@ def polar_vjp(p: jax.Array, b: jax.Array, g: jax.Array) -> jax.Array:
   return mm(p, tangent) + mm(g, s_inv)
 
 
+def polar_vjp_newton_schulz(p: jax.Array, b: jax.Array, g: jax.Array,
+                            lower: float) -> jax.Array:
+  r""":func:`polar_vjp` by matrix products only (no eigendecomposition).
+
+  Solves :math:`SY + YS = [2I,\ A - A^T]` with :func:`nc_jax.newton_schulz.lyapunov`
+  (two right-hand sides, one iteration): :math:`Y_1 = S^{-1}`,
+  :math:`Y_2 = \Omega'`, then returns :math:`P\Omega' + (\bar G - PA)\,S^{-1}`.
+  ``lower`` bounds :math:`\lambda_{min}(S)/\|S\|_F = \sigma_{min}(B)/\|B\|_F`.
+
+  Shapes: ``p``, ``b``, ``g``: ``(d, K)``. Returns ``(d, K)``.
+  """
+  k = p.shape[-1]
+  s = sym(mtm(p, b))
+  a = mtm(p, g)
+  rhs = jnp.stack([2.0 * jnp.eye(k, dtype=p.dtype), a - a.T])
+  y, _ = newton_schulz.lyapunov(s, rhs, lower)
+  s_inv, omega = sym(y[0]), skew(y[1])
+  return mm(p, omega) + mm(g - mm(p, a), s_inv)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _solve(config: _Config, y: jax.Array, prox: jax.Array):
   return _forward(config, y, prox)[0]
@@ -409,7 +461,11 @@ def _solve_bwd(config, residuals, cotangents):
   g = cotangents[0]
   k = p.shape[-1]
   c = 2.0 / jnp.sqrt(jnp.asarray(k - 1.0, p.dtype))
-  grad_y = c * centre_columns(polar_vjp(p, b, g))
+  if config.method == "polar" and config.factorisation == "newton_schulz":
+    grad_b = polar_vjp_newton_schulz(p, b, g, newton_schulz_bound(config.delta, k))
+  else:
+    grad_b = polar_vjp(p, b, g)
+  grad_y = c * centre_columns(grad_b)
   # P_prev is gradient-free state (official code): zero cotangent.
   return grad_y, jnp.zeros_like(p)
 

@@ -1,0 +1,239 @@
+"""Matmul-only polar factor and Lyapunov solve (nc_jax.newton_schulz), and the solver's use of them."""
+
+import math
+
+import jax
+import jax.test_util  # noqa: F401  (check_grads)
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import nc_jax as nc
+from nc_jax import newton_schulz, solver, stiefel
+
+EPS32 = float(jnp.finfo(jnp.float32).eps)
+
+
+def matrix_with_spectrum(d, k, kappa, seed=0, dtype=jnp.float64):
+  """U diag(σ) Vᵀ with σ geometric from 1 down to 1/κ, Haar U (d×K) and V (K×K)."""
+  k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
+  u = stiefel.random_point(k1, d, k, jnp.float64)
+  v = stiefel.random_point(k2, k, k, jnp.float64)
+  sig = jnp.geomspace(1.0, 1.0 / kappa, k)
+  return (u * sig) @ v.T, u @ v.T
+
+
+def spd_with_spectrum(k, kappa, seed=0):
+  v = stiefel.random_point(jax.random.PRNGKey(seed), k, k, jnp.float64)
+  lam = jnp.geomspace(1.0, 1.0 / kappa, k)
+  return (v * lam) @ v.T, lam, v
+
+
+# --------------------------------------------------------------------------- #
+# Schedule
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("lower", [0.5, 1e-2, 1e-3, 1e-6])
+def test_schedule_maps_the_whole_interval_near_one(dtype, lower):
+  alphas = newton_schulz.schedule(lower, dtype)
+  assert all(a >= b >= 1.0 for a, b in zip(alphas, alphas[1:]))
+  x = np.concatenate([np.geomspace(lower, 1.0, 2001), [1.0 / alphas[0]]])
+  for a in alphas:
+    x = 0.5 * a * x * (3.0 - a * a * x * x)
+  tol = math.sqrt(float(jnp.finfo(dtype).eps)) / 4
+  assert x.min() >= 1 - tol - 1e-12 and x.max() <= 1 + 1e-12
+
+
+def test_schedule_lengths_and_bad_bounds():
+  n = [len(newton_schulz.schedule(lo, jnp.float32)) for lo in (1e-1, 1e-3, 1e-5, 1e-7)]
+  assert n == sorted(n) and n[1] <= 11 and n[-1] <= 21  # ~2.6x growth per step for small values
+  assert newton_schulz.schedule(1.0, jnp.float32) == ()
+  for bad in (0.0, -1e-3, 1.5):
+    with pytest.raises(ValueError, match=r"^lower: expected a bound in \(0, 1\]"):
+      newton_schulz.schedule(bad, jnp.float32)
+
+
+# --------------------------------------------------------------------------- #
+# Polar factor
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("kappa", [1.0, 10.0, 1e3, 1e6])
+def test_polar_float64_matches_closed_form(kappa):
+  b, want = matrix_with_spectrum(40, 7, kappa)
+  p, iterations = jax.jit(newton_schulz.polar, static_argnums=1)(b, 1.0 / (2 * kappa))
+  np.testing.assert_allclose(p, want, atol=1e-14 * max(kappa, 10.0), rtol=0)
+  assert float(stiefel.orthonormality_error(p)) < 1e-14
+  assert int(iterations) == len(newton_schulz.schedule(1.0 / (2 * kappa), jnp.float64)) + 1
+
+
+@pytest.mark.parametrize("kappa", [10.0, 1e3, 1e4])
+def test_polar_float32_is_as_accurate_as_conditioning_allows(kappa):
+  b, want = matrix_with_spectrum(256, 10, kappa, seed=1)
+  p, _ = newton_schulz.polar(b.astype(jnp.float32), 1.0 / (2 * kappa))
+  err = float(jnp.abs(p.astype(jnp.float64) - want).max())
+  assert p.dtype == jnp.float32
+  assert err <= 2 * kappa * EPS32  # perturbation bound of the polar factor: κ·eps
+  assert float(stiefel.orthonormality_error(p)) < 10 * EPS32
+
+
+def test_polar_bound_is_not_trusted():
+  """A bound far above σ_min costs classical tail steps, never accuracy."""
+  b, want = matrix_with_spectrum(30, 6, 1e4, seed=2)
+  p, iterations = newton_schulz.polar(b, 0.5)
+  np.testing.assert_allclose(p, want, atol=1e-11, rtol=0)
+  assert int(iterations) > len(newton_schulz.schedule(0.5, jnp.float64)) + 10
+
+
+def test_polar_at_equal_singular_values():
+  """Neural collapse: all singular values equal, the scaled input is already orthonormal."""
+  b = 0.3 * stiefel.random_point(jax.random.PRNGKey(3), 20, 5, jnp.float64)
+  p, _ = newton_schulz.polar(b, 1e-3)
+  np.testing.assert_allclose(p, b / 0.3, atol=1e-15, rtol=0)
+
+
+def test_polar_vmap_equals_loop():
+  bs = jnp.stack([matrix_with_spectrum(16, 4, 10.0 ** i, seed=i)[0] for i in range(3)])
+  batched, its = jax.vmap(lambda b: newton_schulz.polar(b, 1e-3))(bs)
+  for i in range(3):
+    single, it = newton_schulz.polar(bs[i], 1e-3)
+    np.testing.assert_allclose(batched[i], single, atol=1e-15, rtol=0)
+    assert int(its[i]) >= int(it)  # a batched while_loop runs until every member stops
+
+
+def test_orthonormalise_converges_to_the_polar_factor():
+  b, want = matrix_with_spectrum(12, 4, 3.0, seed=4)
+  x, steps = newton_schulz.orthonormalise(1.2 * b)
+  np.testing.assert_allclose(x, want, atol=1e-14, rtol=0)
+  assert 3 <= int(steps) <= 12
+
+
+# --------------------------------------------------------------------------- #
+# Lyapunov equation
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("kappa", [1.0, 1e2, 1e5])
+def test_lyapunov_float64_matches_eigenbasis_solution(kappa):
+  k = 9
+  s, lam, v = spd_with_spectrum(k, kappa)
+  s = 0.37 * s
+  lam = 0.37 * lam
+  rng = np.random.default_rng(0)
+  c = jnp.asarray(rng.standard_normal((3, k, k)))
+  c = c.at[1].set(c[1] - c[1].T).at[2].set(2 * jnp.eye(k))   # general, skew, 2I
+  y, iterations = jax.jit(newton_schulz.lyapunov, static_argnums=2)(s, c, 1 / (2 * kappa))
+  want = jnp.einsum("ij,bjk,lk->bil", v, jnp.einsum("ji,bjk,kl->bil", v, c, v)
+                    / (lam[:, None] + lam[None, :]), v)
+  scale = float(jnp.abs(want).max())
+  np.testing.assert_allclose(y, want, atol=1e-13 * kappa * scale, rtol=0)
+  np.testing.assert_allclose(y[2], jnp.linalg.inv(s), atol=1e-13 * kappa * scale, rtol=0)
+  residual = s @ y + y @ s - c
+  assert float(jnp.abs(residual).max()) < 1e-12 * max(kappa, 10.0)
+  assert int(iterations) == len(newton_schulz.schedule(1 / (2 * kappa), jnp.float64)) + 1
+
+
+def test_lyapunov_bound_is_not_trusted():
+  s, lam, v = spd_with_spectrum(6, 1e3, seed=5)
+  c = jnp.asarray(np.random.default_rng(1).standard_normal((6, 6)))
+  y, iterations = newton_schulz.lyapunov(s, c, 0.9)
+  np.testing.assert_allclose(s @ y + y @ s, c, atol=1e-10, rtol=0)
+  assert int(iterations) > len(newton_schulz.schedule(0.9, jnp.float64)) + 5
+
+
+# --------------------------------------------------------------------------- #
+# Inside the solver: factorisation="newton_schulz"
+# --------------------------------------------------------------------------- #
+
+
+def problem(d, k, dtype=jnp.float64, seed=0):
+  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
+  y = jax.random.normal(k1, (d, k), dtype)
+  prox = stiefel.random_point(k2, d, k, dtype)
+  cot = jax.random.normal(k3, (d, k), dtype)
+  return y / jnp.linalg.norm(y), prox, cot - cot.mean(1, keepdims=True)
+
+
+def grad_of(factorisation, y, prox, cot):
+  return jax.grad(lambda a: jnp.vdot(cot, nc.nearest_etf(a, prox, factorisation=factorisation)))(y)
+
+
+@pytest.mark.parametrize("d,k", [(10, 5), (64, 10), (128, 40)])
+def test_matmul_only_vjp_equals_eigh_vjp_float64(d, k):
+  y, prox, cot = problem(d, k, seed=6)
+  want = grad_of("svd", y, prox, cot)
+  got = grad_of("newton_schulz", y, prox, cot)
+  np.testing.assert_allclose(got, want, atol=1e-11 * float(jnp.abs(want).max()), rtol=0)
+
+
+def test_matmul_only_vjp_matches_finite_differences():
+  d, k = 24, 6
+  y, prox, cot = problem(d, k, seed=7)
+  f = lambda a: jnp.vdot(cot, nc.nearest_etf(a, prox, factorisation="newton_schulz"))
+  jax.test_util.check_grads(f, (y,), order=1, modes=["rev"], atol=1e-8, rtol=1e-6, eps=1e-6)
+
+
+@pytest.mark.parametrize("d,k,delta", [(512, 10, 1e-3), (512, 10, 1e-4), (512, 100, 1e-3)])
+def test_float32_forward_and_backward_accuracy(d, k, delta):
+  """float32 against the float64 closed form, next to the SVD/eigh path's own error."""
+  y, prox, cot = problem(d, k, seed=8)
+  want_p = nc.nearest_etf(y, prox, delta=delta)
+  want_g = jax.grad(lambda a: jnp.vdot(cot, nc.nearest_etf(a, prox, delta=delta)))(y)
+  y32, prox32, cot32 = (a.astype(jnp.float32) for a in (y, prox, cot))
+  errors = {}
+  for f in ("svd", "newton_schulz"):
+    p = nc.nearest_etf(y32, prox32, delta=delta, factorisation=f)
+    g = jax.grad(lambda a: jnp.vdot(cot32, nc.nearest_etf(a, prox32, delta=delta,
+                                                          factorisation=f)))(y32)
+    errors[f] = (float(jnp.abs(p - want_p).max()),
+                 float(jnp.linalg.norm(g - want_g) / jnp.linalg.norm(want_g)))
+  kappa = 1.0 / (delta * math.sqrt(k - 1))  # ~σ_max/σ_min of B at unit-norm means
+  assert errors["newton_schulz"][0] <= max(2 * errors["svd"][0], 4 * kappa * EPS32)
+  # The backward's Lyapunov iteration loses a few times more than eigh (BUILD_NOTES §2b).
+  assert errors["newton_schulz"][1] <= max(6 * errors["svd"][1], 1e-5)
+
+
+def test_unnormalised_means_take_the_tail_and_stay_exact():
+  """Means 1e3 larger than the unit-norm input the bound assumes: more steps, same answer."""
+  y, prox, _ = problem(64, 10, seed=9)
+  want = nc.nearest_etf(1e3 * y, prox)
+  got, info = nc.nearest_etf(1e3 * y, prox, factorisation="newton_schulz", return_info=True)
+  np.testing.assert_allclose(got, want, atol=1e-9, rtol=0)  # κ(B) ~ 7e5 here
+  bound = solver.newton_schulz_bound(solver.DEFAULT_DELTA, 10)
+  assert int(info.iterations) > len(newton_schulz.schedule(bound, jnp.float64)) + 10
+  _, info = nc.nearest_etf(y, prox, factorisation="newton_schulz", return_info=True)
+  assert int(info.iterations) == len(newton_schulz.schedule(bound, jnp.float64)) + 1
+
+
+def test_no_linear_algebra_library_call_in_forward_or_backward():
+  """The point of the method: only dots and elementwise ops (no LAPACK/cuSOLVER custom call,
+  no conditional), and exactly two convergence loops (forward tail, backward tail)."""
+  y, prox, cot = problem(128, 10, dtype=jnp.float32, seed=10)
+
+  def lowered(factorisation):
+    f = lambda a: jnp.vdot(cot, nc.nearest_etf(a, prox, factorisation=factorisation))
+    return jax.jit(jax.value_and_grad(f)).lower(y).as_text()
+
+  text = lowered("newton_schulz")
+  assert "custom_call" not in text
+  assert "stablehlo.case" not in text and "stablehlo.if" not in text
+  assert text.count("stablehlo.while") == 2
+  assert "custom_call" in lowered("svd")  # the check can see a LAPACK call when there is one
+
+
+def test_implicit_head_with_matmul_only_solver_trains_like_svd():
+  """Three implicit-head train steps: the same losses and parameters as with the SVD."""
+  from tests.test_train import setup  # noqa: PLC0415  (shared tiny model)
+  from nc_jax import train  # noqa: PLC0415
+
+  states = {}
+  for f in ("svd", "newton_schulz"):
+    model, cfg, tx, state, x, y = setup("implicit", dtype=jnp.float64, factorisation=f)
+    step = train.compile_train_step(None, model=model, tx=tx, head_config=cfg)
+    for i in range(3):
+      state, metrics = step(state, x[32 * i:32 * (i + 1)], y[32 * i:32 * (i + 1)])
+    states[f] = (state, metrics)
+  for a, b in zip(jax.tree.leaves(states["svd"]), jax.tree.leaves(states["newton_schulz"])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-9, atol=1e-11)
