@@ -31,11 +31,13 @@ python3 -c "import jax, flax, optax, sys; print(sys.version.split()[0], 'jax', j
 # 1. Performance report on a quiet GPU.
 t0=$(date +%s)
 # Sized from the 2026-11-27 lease: GPU compilation of every solver variant at every size took
-# longer than 150 s, so only the default and the fastest GPU factorisation, and the dense DDN.
+# longer than 150 s, so only the default, the fastest GPU factorisation measured so far (qdwh),
+# the matmul-only one (newton_schulz: no cuSOLVER call, never timed on a GPU yet) and the dense
+# DDN; the step section adds the matmul-only implicit head.
 [ "${SKIP_PERF:-0}" = 1 ] || timeout "$PERF_TIMEOUT" python3 -m benchmarks.perf_report \
   --out "$WORK/perf" --timeout 150 \
-  --solver-args "--sizes 512x10,512x100,2048x1000 --variants polar-svd,polar-qdwh,dense-ddn" \
-  --step-args "--batches 256 --classes 10,100 --sections heads,throughput" \
+  --solver-args "--sizes 512x10,512x100,2048x1000 --variants polar-svd,polar-qdwh,polar-ns,dense-ddn" \
+  --step-args "--batches 256 --classes 10,100 --sections heads,throughput --heads standard,fixed,implicit,implicit-fo,implicit-ns" \
   --epoch-args "--source idx --data-path $DATA" || echo "perf_report exit $?"
 echo "perf report: $(( $(date +%s) - t0 )) s"
 cp "$WORK/perf/report.md" "$OUT/report.md" 2>/dev/null || true

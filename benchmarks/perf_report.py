@@ -108,17 +108,21 @@ def render(out: pathlib.Path) -> str:
     for r in solver["results"]:
       by.setdefault((r["d"], r["K"]), {})[r["variant"]] = r
     for (d, k), variants in sorted(by.items(), key=lambda x: (x[0][1], x[0][0])):
-      ours = variants.get("polar-svd")
       ddn = variants.get("dense-ddn")
-      if not ours or ours.get("skipped"):
-        continue
-      t = ours["forward_backward"]["median_ms"]
-      if ddn and not ddn.get("skipped"):
-        td = ddn["forward_backward"]["median_ms"]
-        vs = f"dense DDN {td:.3g} ms → {td / t:.3g}× faster"
-      else:
-        vs = f"dense DDN not run ({(ddn or {}).get('skipped') or 'variant off'})"
-      rows.append((f"solver fwd+bwd, d={d}, K={k} (polar-SVD, implicit VJP)", f"{t:.3g} ms", vs))
+      svd = variants.get("polar-svd")
+      t_svd = svd["forward_backward"]["median_ms"] if svd and not svd.get("skipped") else None
+      for name, ours in variants.items():
+        if name == "dense-ddn" or ours.get("skipped"):
+          continue
+        t = ours["forward_backward"]["median_ms"]
+        if ddn and not ddn.get("skipped"):
+          td = ddn["forward_backward"]["median_ms"]
+          vs = f"dense DDN {td:.3g} ms → {td / t:.3g}× faster"
+        else:
+          vs = f"dense DDN not run ({(ddn or {}).get('skipped') or 'variant off'})"
+        if name != "polar-svd" and t_svd:
+          vs += f"; {t_svd / t:.3g}× polar-svd's speed"
+        rows.append((f"solver fwd+bwd, d={d}, K={k} ({name}, implicit VJP)", f"{t:.3g} ms", vs))
   else:
     rows.append(("solver", "missing", "solver.json not found"))
   if step:

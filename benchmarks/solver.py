@@ -15,12 +15,14 @@ per step, forward and backward, so that is what is timed, in float32 with
 CIFAR100/ImageNet). Variants:
 
 * ``polar-svd``, ``polar-eigh``, ``polar-qdwh``: ``nearest_etf(method="polar")``
-  with that factorisation; backward = the closed-form Lyapunov VJP.
+  with that factorisation; backward = the closed-form Lyapunov VJP (one K×K eigh).
+* ``polar-ns``: ``factorisation="newton_schulz"``, matrix products only in both
+  directions (scaled Newton–Schulz forward, block-sign Lyapunov backward).
 * ``rgd-warm``: ``nearest_etf(method="rgd")``, Riemannian gradient descent
   warm-started as in training: ``prox`` is the exact solution for a slightly
   different :math:`\bar Y_1` (:math:`\bar Y_0` plus a 1e-3-relative random
   perturbation, re-normalised), as between consecutive training steps. Its
-  iteration count is reported (QDWH's too).
+  iteration count is reported (QDWH's and Newton–Schulz's too).
 * ``dense-ddn``: the official baseline, polar-svd forward followed by
   :func:`nc_jax.reference_ddn.dense_ddn_vjp`, the transcription of the official
   dense DDN backward (O(dK⁵) time, O(dK³ + K⁴) memory). Its constraint constant is
@@ -99,10 +101,11 @@ VARIANTS: dict[str, dict[str, str]] = {
     "polar-svd": {"method": "polar", "factorisation": "svd"},
     "polar-eigh": {"method": "polar", "factorisation": "eigh"},
     "polar-qdwh": {"method": "polar", "factorisation": "qdwh"},
+    "polar-ns": {"method": "polar", "factorisation": "newton_schulz"},
     "rgd-warm": {"method": "rgd"},
     DDN: {"method": "polar", "factorisation": "svd"},
 }
-ITERATIVE = ("polar-qdwh", "rgd-warm")
+ITERATIVE = ("polar-qdwh", "polar-ns", "rgd-warm")
 
 
 # --------------------------------------------------------------------------- #

@@ -18,7 +18,8 @@ Three sections (``--sections``, default all):
    ``implicit`` (nearest ETF, polar-SVD solve, implicit backward; the paper's method)
    and ``implicit-fo`` (the same with ``forward_only``: no gradient through P, the
    paper's "without DDN gradient" ablation); optional extras ``implicit-eigh``,
-   ``implicit-qdwh`` (other polar factorisations) and ``implicit-rgd`` (warm-started
+   ``implicit-qdwh``, ``implicit-ns`` (other polar factorisations; ``ns`` = matrix products
+   only) and ``implicit-rgd`` (warm-started
    Riemannian gradient descent). The timed function is the library's compiled,
    state-donating step, :func:`nc_jax.train.compile_train_step`, compiled ahead of
    time (compile time reported, never timed). Each head gets a fresh AGD-initialised
@@ -109,6 +110,7 @@ HEAD_VARIANTS: dict[str, dict[str, Any]] = {
     "implicit-fo": {"kind": "implicit", "forward_only": True},
     "implicit-eigh": {"kind": "implicit", "factorisation": "eigh"},
     "implicit-qdwh": {"kind": "implicit", "factorisation": "qdwh"},
+    "implicit-ns": {"kind": "implicit", "factorisation": "newton_schulz"},
     "implicit-rgd": {"kind": "implicit", "method": "rgd"},
 }
 DEFAULT_HEADS = ("standard", "fixed", "implicit", "implicit-fo")

@@ -191,8 +191,8 @@ def test_float32_forward_and_backward_accuracy(d, k, delta):
                  float(jnp.linalg.norm(g - want_g) / jnp.linalg.norm(want_g)))
   kappa = 1.0 / (delta * math.sqrt(k - 1))  # ~σ_max/σ_min of B at unit-norm means
   assert errors["newton_schulz"][0] <= max(2 * errors["svd"][0], 4 * kappa * EPS32)
-  # The backward's Lyapunov iteration loses a few times more than eigh (BUILD_NOTES §2b).
-  assert errors["newton_schulz"][1] <= max(6 * errors["svd"][1], 1e-5)
+  # Backward: within ~2x of the eigh-based VJP (BUILD_NOTES §2b; 3-4x without the S⁻¹ refinement).
+  assert errors["newton_schulz"][1] <= max(2.5 * errors["svd"][1], 2e-6)
 
 
 def test_unnormalised_means_take_the_tail_and_stay_exact():

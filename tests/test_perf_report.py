@@ -25,6 +25,7 @@ def test_table_from_saved_results(tmp_path):
   (tmp_path / "solver.json").write_text(json.dumps({"environment": _env("H100"), "results": [
       {"d": 512, "K": 10, "variant": "polar-svd", "skipped": None, **fb(0.5)},
       {"d": 512, "K": 10, "variant": "dense-ddn", "skipped": None, **fb(5.0)},
+      {"d": 512, "K": 10, "variant": "polar-ns", "skipped": None, **fb(0.25)},
       {"d": 2048, "K": 1000, "variant": "polar-svd", "skipped": None, **fb(20.0)},
       {"d": 2048, "K": 1000, "variant": "dense-ddn", "skipped": "needs 1 TiB"}]}))
   head = lambda name, ms, ratio: {"K": 10, "batch": 256, "head": name, "median_ms": ms,
@@ -38,7 +39,9 @@ def test_table_from_saved_results(tmp_path):
                      "peak_source": "H100 SXM"},
       "targets": [{"name": "implicit/standard <= 1.05", "measured": 1.2, "met": False}]}))
   text = perf_report.render(tmp_path)
-  assert "| solver fwd+bwd, d=512, K=10 (polar-SVD, implicit VJP) | 0.5 ms | dense DDN 5 ms → 10× faster |" in text
+  assert "| solver fwd+bwd, d=512, K=10 (polar-svd, implicit VJP) | 0.5 ms | dense DDN 5 ms → 10× faster |" in text
+  assert ("| solver fwd+bwd, d=512, K=10 (polar-ns, implicit VJP) | 0.25 ms | dense DDN 5 ms → 20× "
+          "faster; 2× polar-svd's speed |") in text
   assert "dense DDN not run (needs 1 TiB)" in text
   assert "| implicit/standard step ratio, K=10, B=256 | 1.200 |" in text
   assert "| step of ResNet18, K=10, B=256 (standard head) | 2 ms | 128000 images/s" in text
