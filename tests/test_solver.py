@@ -85,6 +85,20 @@ def test_factorisations_match_float64_closed_form(factorisation, d, k):
   np.testing.assert_allclose(got32, want, atol=atol, rtol=0)
 
 
+@pytest.mark.parametrize("factorisation", solver.FACTORISATIONS)
+def test_factorisations_finite_when_gram_matrix_is_numerically_singular(factorisation):
+  """κ(B) ≈ 4,500 in float32: κ²·eps > 1, so BᵀB's smallest computed eigenvalue is noise
+  (it was negative, and `eigh` returned NaN before its eigenvalues were floored)."""
+  y, prox, _ = problem(20, 20, jnp.float64, seed=0)
+  sv = np.linalg.svd(target(np.asarray(y), np.asarray(prox)), compute_uv=False)
+  kappa = sv[0] / sv[-1]
+  assert kappa**2 * float(jnp.finfo(jnp.float32).eps) > 1
+  got = nc.nearest_etf(y.astype(jnp.float32), prox.astype(jnp.float32),
+                       factorisation=factorisation)
+  assert np.all(np.isfinite(got))
+  np.testing.assert_allclose(got, exact_polar(y, prox), atol=kappa * 1.2e-7, rtol=0)
+
+
 @pytest.mark.parametrize("method,factorisation",
                          [("polar", f) for f in solver.FACTORISATIONS] + [("rgd", "svd")])
 def test_first_order_optimality(method, factorisation):
