@@ -436,6 +436,11 @@ def polar_vjp_newton_schulz(p: jax.Array, b: jax.Array, g: jax.Array,
   step), :math:`Y_2 = \Omega'`, then returns :math:`P\Omega' + (\bar G - PA)\,S^{-1}`.
   ``lower`` bounds :math:`\lambda_{min}(S)/\|S\|_F = \sigma_{min}(B)/\|B\|_F`.
 
+  Accuracy in float32: level with :func:`polar_vjp` for the cotangents the ETF head
+  produces (:math:`\bar G\,1 = 0`: W depends on PM only); a cotangent with a component along
+  :math:`P1/\sqrt K` meets :math:`S^{-1}`'s 1/δ eigenvalue, where this inverse is 3–6× less
+  accurate than the eigendecomposition's (BUILD_NOTES §2b).
+
   Shapes: ``p``, ``b``, ``g``: ``(d, K)``. Returns ``(d, K)``.
   """
   k = p.shape[-1]
