@@ -33,7 +33,8 @@ t0=$(date +%s)
 # Sized from the 2026-11-27 lease: GPU compilation of every solver variant at every size took
 # longer than 150 s, so only the default, the fastest GPU factorisation measured so far (qdwh),
 # the matmul-only one (newton_schulz: no cuSOLVER call, never timed on a GPU yet) and the dense
-# DDN; the step section adds the matmul-only implicit head.
+# DDN; the step section adds the matmul-only implicit head ("implicit" itself now runs the
+# default factorisation "auto" = qdwh on GPUs; the svd head was measured in the first lease).
 [ "${SKIP_PERF:-0}" = 1 ] || timeout "$PERF_TIMEOUT" python3 -m benchmarks.perf_report \
   --out "$WORK/perf" --timeout 150 \
   --solver-args "--sizes 512x10,512x100,2048x1000 --variants polar-svd,polar-qdwh,polar-ns,dense-ddn" \

@@ -15,10 +15,11 @@ Three sections (``--sections``, default all):
    momentum 0.9, lr 0.05, weight decay 5e-4), τ = 5, cross-entropy. For every
    K ∈ ``--classes`` and batch B ∈ ``--batches`` and every head in ``--heads``:
    ``standard`` (learned classifier, rows renormalised), ``fixed`` (canonical ETF),
-   ``implicit`` (nearest ETF, polar-SVD solve, implicit backward; the paper's method)
-   and ``implicit-fo`` (the same with ``forward_only``: no gradient through P, the
-   paper's "without DDN gradient" ablation); optional extras ``implicit-eigh``,
-   ``implicit-qdwh``, ``implicit-ns`` (other polar factorisations; ``ns`` = matrix products
+   ``implicit`` (nearest ETF with the library's default ``factorisation="auto"`` — QDWH on
+   GPUs, SVD elsewhere — and the implicit backward; the paper's method) and ``implicit-fo``
+   (the same with ``forward_only``: no gradient through P, the paper's "without DDN
+   gradient" ablation); optional extras ``implicit-svd``, ``implicit-eigh``,
+   ``implicit-qdwh``, ``implicit-ns`` (a fixed polar factorisation; ``ns`` = matrix products
    only) and ``implicit-rgd`` (warm-started
    Riemannian gradient descent). The timed function is the library's compiled,
    state-donating step, :func:`nc_jax.train.compile_train_step`, compiled ahead of
@@ -108,6 +109,7 @@ HEAD_VARIANTS: dict[str, dict[str, Any]] = {
     "fixed": {"kind": "fixed"},
     "implicit": {"kind": "implicit"},
     "implicit-fo": {"kind": "implicit", "forward_only": True},
+    "implicit-svd": {"kind": "implicit", "factorisation": "svd"},
     "implicit-eigh": {"kind": "implicit", "factorisation": "eigh"},
     "implicit-qdwh": {"kind": "implicit", "factorisation": "qdwh"},
     "implicit-ns": {"kind": "implicit", "factorisation": "newton_schulz"},

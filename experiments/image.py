@@ -69,7 +69,7 @@ PRESETS = types.MappingProxyType({
 _CHOICES = {
     "source": None, "model": None, "stem": ("imagenet", "cifar"),
     "compute_dtype": tuple(config_lib.COMPUTE_DTYPES), "loss": None, "optimizer": None,
-    "schedule": None, "solver": solver_lib.METHODS, "factorisation": solver_lib.FACTORISATIONS,
+    "schedule": None, "solver": solver_lib.METHODS, "factorisation": solver_lib.FACTORISATION_CHOICES,
 }
 # TrainConfig fields that are not flags: the preset fixes the dataset; method and seed come
 # from --method(s)/--seed(s) (the forward-only ablation is the method "implicit-fo").

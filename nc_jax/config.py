@@ -73,7 +73,7 @@ class TrainConfig:
   rotation_seed: int | None = None
   delta: float = 1e-3
   solver: str = "polar"
-  factorisation: str = "svd"
+  factorisation: str = "auto"
   optimizer: str = "agd"
   learning_rate: float | None = None
   momentum: float | None = None

@@ -68,7 +68,7 @@ class HeadConfig:
   forward_only: bool = False
   delta: float = solver.DEFAULT_DELTA
   method: str = "polar"
-  factorisation: str = "svd"
+  factorisation: str = "auto"
   alpha_min: float = class_means.ALPHA_MIN
 
   def __post_init__(self):
@@ -86,9 +86,9 @@ class HeadConfig:
       raise ValueError(f"tau: expected a positive feature norm, got {self.tau!r}")
     if self.method not in solver.METHODS:
       raise ValueError(f"method: expected one of {solver.METHODS}, got {self.method!r}")
-    if self.factorisation not in solver.FACTORISATIONS:
-      raise ValueError(
-          f"factorisation: expected one of {solver.FACTORISATIONS}, got {self.factorisation!r}")
+    if self.factorisation not in solver.FACTORISATION_CHOICES:
+      raise ValueError(f"factorisation: expected one of {solver.FACTORISATION_CHOICES}, "
+                       f"got {self.factorisation!r}")
     if not self.delta > 0:
       raise ValueError(f"delta: expected a positive float, got {self.delta!r}")
 

@@ -64,6 +64,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import types
 from typing import NamedTuple
 
 import jax
@@ -77,6 +78,11 @@ from nc_jax.geometry import frobenius_normalise
 
 METHODS = ("polar", "rgd")
 FACTORISATIONS = ("svd", "eigh", "qdwh", "newton_schulz")
+FACTORISATION_CHOICES = ("auto",) + FACTORISATIONS
+# "auto": the fastest factorisation measured on each backend (BUILD_NOTES §5.4: on an H100
+# qdwh beat svd 1.2–3.6×; on CPU svd is never more than 1.85× the best, §5.1). Backends we
+# have not measured get svd.
+AUTO_FACTORISATION = types.MappingProxyType({"gpu": "qdwh"})
 DEFAULT_DELTA = 1e-3
 
 
@@ -149,7 +155,7 @@ def nearest_etf(
     *,
     delta: float = DEFAULT_DELTA,
     method: str = "polar",
-    factorisation: str = "svd",
+    factorisation: str = "auto",
     tol: float | None = None,
     max_iterations: int = 5000,
     return_info: bool = False,
@@ -173,9 +179,11 @@ def nearest_etf(
     delta: proximal weight δ > 0 (paper: 1e-3).
     method: ``"polar"`` (exact closed form) or ``"rgd"`` (Riemannian gradient
       descent from ``prox``).
-    factorisation: for ``method="polar"``: ``"svd"``, ``"eigh"``, ``"qdwh"`` or
+    factorisation: for ``method="polar"``: ``"svd"``, ``"eigh"``, ``"qdwh"``,
       ``"newton_schulz"`` (matrix products only, forward and backward: no
-      cuSOLVER/LAPACK call; see :func:`newton_schulz_bound`).
+      cuSOLVER/LAPACK call; see :func:`newton_schulz_bound`) or ``"auto"``
+      (:func:`resolve_factorisation`: ``"qdwh"`` on GPUs, ``"svd"`` elsewhere). All agree
+      to float32 rounding; they differ in speed.
     tol: RGD stop on the Riemannian gradient norm, relative to
       :math:`\|B\|_F`; default ``4·eps`` of the dtype (the gradient's rounding
       floor is ~1–2 eps; float32 at K = 10 needs ``tol=eps`` for 1e-5 agreement
@@ -203,8 +211,7 @@ def nearest_etf(
     prox = prox.astype(means.dtype)
   if method not in METHODS:
     raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
-  if factorisation not in FACTORISATIONS:
-    raise ValueError(f"factorisation: expected one of {FACTORISATIONS}, got {factorisation!r}")
+  factorisation = resolve_factorisation(factorisation)
   if not (isinstance(delta, (int, float)) and delta > 0):
     raise ValueError(f"delta: expected a positive Python float, got {delta!r}")
   if tol is None:
@@ -220,6 +227,25 @@ def nearest_etf(
   if return_info:
     return p, SolverInfo(iterations, grad_norm)
   return p
+
+
+def resolve_factorisation(factorisation: str, backend: str | None = None) -> str:
+  """The concrete factorisation for ``factorisation`` (``"auto"`` → per backend).
+
+  Args:
+    factorisation: one of :data:`FACTORISATION_CHOICES`.
+    backend: JAX platform name (``"cpu"``, ``"gpu"``, ``"tpu"``); default
+      ``jax.default_backend()``, the platform a ``jit`` without explicit placement runs on.
+
+  Returns:
+    One of :data:`FACTORISATIONS`: ``"qdwh"`` on GPUs, ``"svd"`` elsewhere for ``"auto"``.
+  """
+  if factorisation not in FACTORISATION_CHOICES:
+    raise ValueError(f"factorisation: expected one of {FACTORISATION_CHOICES}, "
+                     f"got {factorisation!r}")
+  if factorisation != "auto":
+    return factorisation
+  return AUTO_FACTORISATION.get(backend or jax.default_backend(), "svd")
 
 
 def feasibility_solution(means: jax.Array) -> jax.Array:

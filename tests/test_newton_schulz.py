@@ -237,3 +237,30 @@ def test_implicit_head_with_matmul_only_solver_trains_like_svd():
     states[f] = (state, metrics)
   for a, b in zip(jax.tree.leaves(states["svd"]), jax.tree.leaves(states["newton_schulz"])):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-9, atol=1e-11)
+
+
+# --------------------------------------------------------------------------- #
+# factorisation="auto"
+# --------------------------------------------------------------------------- #
+
+
+def test_auto_factorisation_per_backend():
+  assert solver.resolve_factorisation("auto", "gpu") == "qdwh"
+  assert solver.resolve_factorisation("auto", "cpu") == "svd"
+  assert solver.resolve_factorisation("auto", "tpu") == "svd"      # not measured: the SVD
+  assert solver.resolve_factorisation("newton_schulz", "gpu") == "newton_schulz"
+  assert solver.resolve_factorisation("auto") == "svd"              # this CPU test process
+  with pytest.raises(ValueError, match=r"^factorisation: expected one of \('auto', 'svd'"):
+    solver.resolve_factorisation("lu")
+
+
+def test_default_is_auto_everywhere():
+  from nc_jax import config, heads  # noqa: PLC0415
+  import inspect  # noqa: PLC0415
+
+  assert inspect.signature(nc.nearest_etf).parameters["factorisation"].default == "auto"
+  assert heads.HeadConfig("implicit", 10, 16).factorisation == "auto"
+  assert config.TrainConfig().factorisation == "auto"
+  y, prox, _ = problem(32, 6, dtype=jnp.float32, seed=11)
+  np.testing.assert_array_equal(nc.nearest_etf(y, prox), nc.nearest_etf(y, prox,
+                                                                        factorisation="svd"))
