@@ -610,6 +610,8 @@ def run_one(cfg: config_lib.TrainConfig, method: str, options: RunOptions, data:
                  "options": {k: v for k, v in dataclasses.asdict(options).items()
                              if k not in ("methods", "seeds")},
                  "machine": machine_description(), "versions": _versions(),
+                 # "auto" resolves per backend (qdwh on GPUs): record what ran.
+                 "factorisation_resolved": solver_lib.resolve_factorisation(cfg.factorisation),
                  "command": " ".join([f"python -m experiments.{options.experiment}"] +
                                      sys.argv[1:]) if sys.argv else ""}
   done = folder / "done.json"
