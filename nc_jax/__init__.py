@@ -6,6 +6,8 @@ Core API:
   gradient descent) with an implicit-differentiation VJP.
 * :func:`normalise_means` — class means to solver input (centre, normalise).
 * :mod:`nc_jax.geometry`, :mod:`nc_jax.stiefel` — ETF and Stiefel geometry.
+* :mod:`nc_jax.newton_schulz` — matmul-only polar factor and Lyapunov solve (the
+  ``factorisation="newton_schulz"`` path).
 * :mod:`nc_jax.class_means` — the paper's moving average of class means.
 * :mod:`nc_jax.metrics` — neural-collapse metrics, in memory and streaming.
 
@@ -19,7 +21,7 @@ augmentation, batching), :mod:`nc_jax.train` (train state and sharded steps),
 
 # Submodules (``nc_jax.class_means`` is the module; its function of the same name is
 # ``nc_jax.class_means.class_means``).
-from nc_jax import class_means, geometry, metrics, stiefel
+from nc_jax import class_means, geometry, metrics, newton_schulz, stiefel
 from nc_jax import checkpoint, config, data, heads, loop, models, optim, train
 from nc_jax.geometry import (centring_matrix, etf_distance, nearest_etf_closed_form, random_etf,
                              simplex_etf)
@@ -31,7 +33,7 @@ __version__ = "0.1.0"
 __all__ = [
     "SolverInfo", "ce_lower_bound", "centring_matrix", "checkpoint", "class_means", "config",
     "data", "etf_distance", "feasibility_solution", "geometry", "heads", "loop", "metrics",
-    "models", "optim", "train", "nc_metrics", "nc_metrics_streaming",
+    "models", "newton_schulz", "optim", "train", "nc_metrics", "nc_metrics_streaming",
     "nearest_etf", "nearest_etf_closed_form", "normalise_means", "polar_vjp", "random_etf",
     "simplex_etf", "stiefel",
 ]

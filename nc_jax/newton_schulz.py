@@ -115,6 +115,8 @@ def polar(b: jax.Array, lower: float) -> tuple[jax.Array, jax.Array]:
     ``(P (d, K), iterations)``: P with orthonormal columns and the int32 number
     of Newton–Schulz steps taken (schedule + tail + final).
   """
+  if b.ndim != 2 or b.shape[0] < b.shape[1]:
+    raise ValueError(f"b: expected a (d, K) matrix with d >= K, got shape {tuple(b.shape)}")
   dtype = b.dtype
   alphas = schedule(lower, dtype)
   gram = mtm(b, b)
@@ -165,6 +167,11 @@ def lyapunov(s: jax.Array, c: jax.Array, lower: float) -> tuple[jax.Array, jax.A
   Returns:
     ``(Y (..., K, K), iterations)``. With :math:`C = 2I`, :math:`Y = S^{-1}`.
   """
+  k = s.shape[-1]
+  if s.ndim != 2 or s.shape[0] != k:
+    raise ValueError(f"s: expected a square (K, K) matrix, got shape {tuple(s.shape)}")
+  if c.ndim < 2 or c.shape[-2:] != (k, k):
+    raise ValueError(f"c: expected shape (..., {k}, {k}), got {tuple(c.shape)}")
   dtype = s.dtype
   alphas = schedule(lower, dtype)
   scale = jnp.minimum(jnp.linalg.norm(s), jnp.max(jnp.sum(jnp.abs(s), axis=0)))

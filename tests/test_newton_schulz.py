@@ -110,6 +110,15 @@ def test_orthonormalise_converges_to_the_polar_factor():
   assert 3 <= int(steps) <= 12
 
 
+def test_shape_errors():
+  with pytest.raises(ValueError, match=r"^b: expected a \(d, K\) matrix with d >= K, got shape \(3, 5\)"):
+    newton_schulz.polar(jnp.ones((3, 5)), 0.1)
+  with pytest.raises(ValueError, match=r"^s: expected a square"):
+    newton_schulz.lyapunov(jnp.ones((3, 4)), jnp.ones((3, 4)), 0.1)
+  with pytest.raises(ValueError, match=r"^c: expected shape \(\.\.\., 3, 3\), got \(2, 3, 4\)"):
+    newton_schulz.lyapunov(jnp.eye(3), jnp.ones((2, 3, 4)), 0.1)
+
+
 # --------------------------------------------------------------------------- #
 # Lyapunov equation
 # --------------------------------------------------------------------------- #
