@@ -60,6 +60,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from nc_jax import _validation as v
 from nc_jax._linalg import mm, mtm
 
 MAX_TAIL_ITERATIONS = 100
@@ -117,6 +118,9 @@ def polar(b: jax.Array, lower: float) -> tuple[jax.Array, jax.Array]:
   """
   if b.ndim != 2 or b.shape[0] < b.shape[1]:
     raise ValueError(f"b: expected a (d, K) matrix with d >= K, got shape {tuple(b.shape)}")
+  v.check_finite("b", b)
+  if v.is_concrete(b) and not bool(jnp.any(b != 0)):
+    raise ValueError("b: expected a full-column-rank matrix, got all zeros")
   dtype = b.dtype
   alphas = schedule(lower, dtype)
   gram = mtm(b, b)
@@ -172,6 +176,10 @@ def lyapunov(s: jax.Array, c: jax.Array, lower: float) -> tuple[jax.Array, jax.A
     raise ValueError(f"s: expected a square (K, K) matrix, got shape {tuple(s.shape)}")
   if c.ndim < 2 or c.shape[-2:] != (k, k):
     raise ValueError(f"c: expected shape (..., {k}, {k}), got {tuple(c.shape)}")
+  v.check_finite("s", s)
+  v.check_finite("c", c)
+  if v.is_concrete(s) and not bool(jnp.any(s != 0)):
+    raise ValueError("s: expected a positive definite matrix, got all zeros")
   dtype = s.dtype
   alphas = schedule(lower, dtype)
   scale = jnp.minimum(jnp.linalg.norm(s), jnp.max(jnp.sum(jnp.abs(s), axis=0)))

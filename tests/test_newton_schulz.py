@@ -117,6 +117,15 @@ def test_shape_errors():
     newton_schulz.lyapunov(jnp.ones((3, 4)), jnp.ones((3, 4)), 0.1)
   with pytest.raises(ValueError, match=r"^c: expected shape \(\.\.\., 3, 3\), got \(2, 3, 4\)"):
     newton_schulz.lyapunov(jnp.eye(3), jnp.ones((2, 3, 4)), 0.1)
+  # Values that would give NaN are refused (concrete inputs).
+  with pytest.raises(ValueError, match=r"^b: expected a full-column-rank matrix, got all zeros"):
+    newton_schulz.polar(jnp.zeros((4, 2)), 0.1)
+  with pytest.raises(ValueError, match=r"^b: expected finite values"):
+    newton_schulz.polar(jnp.full((4, 2), jnp.nan), 0.1)
+  with pytest.raises(ValueError, match=r"^s: expected a positive definite matrix"):
+    newton_schulz.lyapunov(jnp.zeros((3, 3)), jnp.eye(3), 0.1)
+  with pytest.raises(ValueError, match=r"^c: expected finite values"):
+    newton_schulz.lyapunov(jnp.eye(3), jnp.full((3, 3), jnp.inf), 0.1)
 
 
 # --------------------------------------------------------------------------- #
