@@ -148,9 +148,10 @@ def render(out: pathlib.Path) -> str:
                    f"{_f(tp.get('tflops_xla'))} XLA count; "
                    f"{_f(tp['peak_fraction'] and 100 * tp['peak_fraction'], '.1f', '%')} of "
                    f"peak ({tp.get('peak_source')})"))
-    for t in step.get("targets") or []:
-      rows.append((f"target: {t.get('name')}", str(t.get("measured")),
-                   "met" if t.get("met") else "MISSED"))
+    for t in step.get("targets") or []:   # as written by train_step.evaluate_targets
+      met = t.get("met")
+      rows.append((f"target: {t['target']}", _f(t.get("value"), ".4g"),
+                   "not measured" if met is None else ("met" if met else "MISSED")))
   else:
     rows.append(("train step", "missing", "train_step.json not found"))
   if epoch and len(epoch["records"]) >= 2:

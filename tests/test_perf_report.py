@@ -20,6 +20,20 @@ def _env(kind):
           "date_utc": "2026-11-27"}
 
 
+def _targets():
+  """Targets exactly as the train-step benchmark writes them (its own function, stand-in timings)."""
+  import types  # noqa: PLC0415
+
+  from benchmarks import train_step  # noqa: PLC0415
+  step = lambda head, batch, ms, ratio: train_step.HeadResult(
+      k=10, batch=batch, head=head, m=types.SimpleNamespace(median_s=ms / 1e3), ratio=ratio)
+  throughput = train_step.ThroughputResult(
+      model="R18", batch=512, m=types.SimpleNamespace(median_s=0.1, xla_flops=None),
+      nominal_flop_per_image=None, peak_tflops=None, peak_source="unknown device")
+  return train_step.evaluate_targets(
+      [step("standard", 128, 1.9, 1.0), step("implicit", 256, 2.4, 1.2)], throughput)
+
+
 def test_table_from_saved_results(tmp_path):
   fb = lambda ms: {"forward_backward": {"median_ms": ms}}
   (tmp_path / "solver.json").write_text(json.dumps({"environment": _env("H100"), "results": [
@@ -37,7 +51,7 @@ def test_table_from_saved_results(tmp_path):
       "throughput": {"model": "R18 bf16", "batch": 512, "images_per_s": 50000.0,
                      "tflops_nominal": 166.5, "tflops_xla": 150.0, "peak_fraction": 0.168,
                      "peak_source": "H100 SXM"},
-      "targets": [{"name": "implicit/standard <= 1.05", "measured": 1.2, "met": False}]}))
+      "targets": _targets()}))
   text = perf_report.render(tmp_path)
   assert "| solver fwd+bwd, d=512, K=10 (polar-svd, implicit VJP) | 0.5 ms | dense DDN 5 ms → 10× faster |" in text
   assert ("| solver fwd+bwd, d=512, K=10 (polar-ns, implicit VJP) | 0.25 ms | dense DDN 5 ms → 20× "
@@ -46,5 +60,7 @@ def test_table_from_saved_results(tmp_path):
   assert "| implicit/standard step ratio, K=10, B=256 | 1.200 |" in text
   assert "| step of ResNet18, K=10, B=256 (standard head) | 2 ms | 128000 images/s" in text
   assert "50000 images/s" in text and "16.8% of peak (H100 SXM)" in text
-  assert "| target: implicit/standard <= 1.05 | 1.2 | MISSED |" in text
+  assert "| target: implicit/standard <= 1.05 at K=10, B=256 | 1.2 | MISSED |" in text
+  assert "| target: standard step <= 2.0 ms at K=10, B=128 | 1.9 | met |" in text
+  assert "| target: CIFAR-stem ResNet18 bf16 >= 30% of peak (B=512) | n/a | not measured |" in text
   assert "| epoch | missing |" in text
