@@ -319,11 +319,17 @@ class StepTiming:
       overlapping device work, as in a training loop); ``None`` if not measured.
     warmup_device_peak: :class:`DevicePeak` of the warm-up calls (``None``
       without device memory statistics, e.g. on CPU).
+    dispatch_s: mean host seconds per call spent *returning from* those back-to-back
+      calls (before the final block). Far below ``back_to_back_s``: the host runs ahead
+      of the device (asynchronous dispatch). Close to it: each call waits for device
+      work, i.e. the step synchronises with the host somewhere (a conditional's
+      predicate read, a library call that synchronises). ``None`` if not measured.
   """
   timing: Timing
   warmup_s: tuple[float, ...]
   back_to_back_s: float | None
   warmup_device_peak: DevicePeak | None = None
+  dispatch_s: float | None = None
 
 
 def time_state_steps_interleaved(
@@ -364,16 +370,19 @@ def time_state_steps_interleaved(
       elapsed, (states[i], _) = _timed_call(fn, (states[i], *args))
       samples[i].append(elapsed)
   per_call = [None] * len(steps)
+  dispatch = [None] * len(steps)
   if back_to_back:
     for i, (fn, _, args) in enumerate(steps):
       state = states[i]
       start = time.perf_counter()
       for _ in range(rounds):
         state, aux = fn(state, *args)
+      dispatched = time.perf_counter()
       states[i], _ = jax.block_until_ready((state, aux))
       per_call[i] = (time.perf_counter() - start) / rounds
-  timings = [StepTiming(Timing(tuple(samples[i])), warmups[i], per_call[i], peaks[i])
-             for i in range(len(steps))]
+      dispatch[i] = (dispatched - start) / rounds
+  timings = [StepTiming(Timing(tuple(samples[i])), warmups[i], per_call[i], peaks[i],
+                        dispatch[i]) for i in range(len(steps))]
   return timings, states
 
 

@@ -35,7 +35,10 @@ Three sections (``--sections``, default all):
    and "head overhead" = ratio − 1: the fraction of a standard step that the head's
    extra work costs. "back-to-back ms" is the mean over N more steps dispatched with a
    single block at the end (host dispatch overlapping device work, as in a training
-   loop). All steps of a row reuse one fixed batch (random normal images; labels
+   loop); "host dispatch ms" is the part of it the host spent in the calls themselves,
+   before that block: much smaller means asynchronous dispatch, about equal means the
+   step waits for the device (a host synchronisation inside it, e.g. a conditional's
+   predicate or a synchronising library call). All steps of a row reuse one fixed batch (random normal images; labels
    ``arange(B) mod K`` shuffled, so every class is present, as with stratified batches).
 
 2. **throughput** — CIFAR-stem ResNet18 (``stem='cifar'``: 3×3 stride-1 stem, no
@@ -221,6 +224,7 @@ class StepMeasurement:
         "warmup_ms": [1e3 * s for s in self.step.warmup_s],
         "back_to_back_ms": (None if self.step.back_to_back_s is None
                             else 1e3 * self.step.back_to_back_s),
+        "dispatch_ms": None if self.step.dispatch_s is None else 1e3 * self.step.dispatch_s,
         "compile_s": self.compile_s, "compiled_bytes": self.compiled_bytes,
         "device_peak_bytes": None if peak is None else peak.bytes,
         "device_peak_exact": None if peak is None else peak.exact,
@@ -535,7 +539,8 @@ def _pct(x: float | None, signed: bool = False) -> str:
   return f"{100 * x:+.1f} %" if signed else f"{100 * x:.1f} %"
 
 
-HEAD_HEADERS = ("K", "batch", "head", "ms/step", "min ms", "back-to-back ms", "repeats",
+HEAD_HEADERS = ("K", "batch", "head", "ms/step", "min ms", "back-to-back ms",
+                "host dispatch ms", "repeats",
                 "images/s", "× standard", "head overhead", "compile s", "compiled MiB",
                 "device peak MiB")
 
@@ -543,8 +548,8 @@ HEAD_HEADERS = ("K", "batch", "head", "ms/step", "min ms", "back-to-back ms", "r
 def head_row(r: HeadResult) -> list[str]:
   m = r.m
   return [str(r.k), str(r.batch), r.head, _ms(m.median_s), _ms(m.step.timing.min_s),
-          _ms(m.step.back_to_back_s), str(m.step.timing.repeats), _num(r.images_per_s),
-          "–" if r.ratio is None else f"{r.ratio:.3f}",
+          _ms(m.step.back_to_back_s), _ms(m.step.dispatch_s), str(m.step.timing.repeats),
+          _num(r.images_per_s), "–" if r.ratio is None else f"{r.ratio:.3f}",
           "–" if r.head == BASELINE or r.overhead is None else _pct(r.overhead, signed=True),
           f"{m.compile_s:.1f}", _mib(m.compiled_bytes), _peak(m)]
 
@@ -593,7 +598,10 @@ def report(env: dict[str, Any], settings: dict[str, Any], head_results, throughp
                                        right_align_from=3))
     lines += ["", "ms/step: median of steps each blocked on (compile and warm-up excluded; "
               "the heads of a (K, batch) group interleaved step by step); "
-              "back-to-back ms: mean of as many steps with one block at the end. "
+              "back-to-back ms: mean of as many steps with one block at the end; "
+              "host dispatch ms: host time per call before that block (≈ back-to-back "
+              "ms: the step synchronises with the host; far less: dispatch is "
+              "asynchronous). "
               "× standard: ratio of medians to the standard head at the same (K, batch); "
               "head overhead = ratio − 1 (the extra cost of the head, as a fraction of a "
               "standard step). images/s = batch / median. compiled MiB: XLA memory analysis "

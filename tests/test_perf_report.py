@@ -42,12 +42,19 @@ def test_table_from_saved_results(tmp_path):
       {"d": 512, "K": 10, "variant": "polar-ns", "skipped": None, **fb(0.25)},
       {"d": 2048, "K": 1000, "variant": "polar-svd", "skipped": None, **fb(20.0)},
       {"d": 2048, "K": 1000, "variant": "dense-ddn", "skipped": "needs 1 TiB"}]}))
-  head = lambda name, ms, ratio: {"K": 10, "batch": 256, "head": name, "median_ms": ms,
-                                  "images_per_s": 256e3 / ms, "back_to_back_ms": ms * 0.9,
-                                  "ratio_to_standard": ratio, "ratio_to_standard_min": ratio}
+  from benchmarks import _common, train_step  # noqa: PLC0415
+
+  def head(name, ms, ratio, dispatch_ms):
+    """A head row exactly as the train-step benchmark writes it (its own classes)."""
+    timing = _common.StepTiming(_common.Timing((ms / 1e3,)), (ms / 1e3,), 0.9 * ms / 1e3,
+                                None, dispatch_ms / 1e3)
+    m = train_step.StepMeasurement(timing, compile_s=1.0, compiled_bytes=None,
+                                   device_peak=None, xla_flops=None)
+    return train_step.HeadResult(10, 256, name, m, ratio, ratio).as_json()
+
   (tmp_path / "train_step.json").write_text(json.dumps({
       "environment": _env("H100"), "settings": {"head_model": "ResNet18"},
-      "heads": [head("standard", 2.0, 1.0), head("implicit", 2.4, 1.2)],
+      "heads": [head("standard", 2.0, 1.0, 0.1), head("implicit", 2.4, 1.2, 2.0)],
       "throughput": {"model": "R18 bf16", "batch": 512, "images_per_s": 50000.0,
                      "tflops_nominal": 166.5, "tflops_xla": 150.0, "peak_fraction": 0.168,
                      "peak_source": "H100 SXM"},
@@ -57,8 +64,10 @@ def test_table_from_saved_results(tmp_path):
   assert ("| solver fwd+bwd, d=512, K=10 (polar-ns, implicit VJP) | 0.25 ms | dense DDN 5 ms → 20× "
           "faster; 2× polar-svd's speed |") in text
   assert "dense DDN not run (needs 1 TiB)" in text
-  assert "| implicit/standard step ratio, K=10, B=256 | 1.200 |" in text
-  assert "| step of ResNet18, K=10, B=256 (standard head) | 2 ms | 128000 images/s" in text
+  assert ("| implicit/standard step ratio, K=10, B=256 | 1.200 | 2.4 ms (min-based ratio 1.200); "
+          "host dispatch 2 of 2.16 ms back-to-back (93 %) |") in text
+  assert ("| step of ResNet18, K=10, B=256 (standard head) | 2 ms | 128000 images/s; back-to-back "
+          "1.8 ms; host dispatch 0.1 of 1.8 ms back-to-back (6 %) |") in text
   assert "50000 images/s" in text and "16.8% of peak (H100 SXM)" in text
   assert "| target: implicit/standard <= 1.05 at K=10, B=256 | 1.2 | MISSED |" in text
   assert "| target: standard step <= 2.0 ms at K=10, B=128 | 1.9 | met |" in text
