@@ -337,8 +337,9 @@ def newton_schulz_bound(delta: float, num_classes: int) -> float:
 
   :math:`B = c\bar YM + \delta P_{prev}` maps the direction :math:`v = 1/\sqrt K`
   (which M annihilates) to :math:`\delta P_{prev}v`, so :math:`\sigma_{min}(B) \le
-  \delta`; in training and in our tests it stays within a factor 0.6–1 of δ (BUILD_NOTES
-  §2b). With :math:`\|\bar Y\|_F = 1`, :math:`\|B\|_F \le c + \delta\sqrt K`. The bound
+  \delta`; in training-like problems it stays within a factor 0.6–1 of δ (BUILD_NOTES
+  §2b; a square problem with a random P_prev reached 0.04δ). With
+  :math:`\|\bar Y\|_F = 1`, :math:`\|B\|_F \le c + \delta\sqrt K`. The bound
   :math:`\delta/(4(c + \delta\sqrt K))` allows a factor 4; below it the solver's
   convergence check adds classical steps, so the result stays exact.
   """
