@@ -136,15 +136,13 @@ def main(argv: Sequence[str] | None = None) -> str:
                       + ",".join(f"{d}x{k}" for d, k in DEFAULT_SIZES) + ")")
   parser.add_argument("--deltas", default=",".join(f"{x:g}" for x in DEFAULT_DELTAS),
                       help="comma-separated δ values")
-  parser.add_argument("--kinds", default=",".join(KINDS), help="training,random")
+  parser.add_argument("--kinds", type=common.comma_choices(KINDS, "kind"), default=KINDS,
+                      help=f"comma-separated subset of {','.join(KINDS)} (default: both)")
   parser.add_argument("--seeds", type=int, default=3, help="seeds per case (default 3)")
   parser.add_argument("--json", help="also write every row and the summary to this path")
   args = parser.parse_args(argv)
   deltas = [float(x) for x in args.deltas.split(",")]
-  kinds = args.kinds.split(",")
-  bad = sorted(set(kinds) - set(KINDS))
-  if bad:
-    parser.error(f"--kinds: expected a subset of {KINDS}, got {bad}")
+  kinds = args.kinds
   rows = []
   for d, k in args.sizes:
     for delta in deltas:

@@ -86,9 +86,7 @@ class HeadConfig:
       raise ValueError(f"tau: expected a positive feature norm, got {self.tau!r}")
     if self.method not in solver.METHODS:
       raise ValueError(f"method: expected one of {solver.METHODS}, got {self.method!r}")
-    if self.factorisation not in solver.FACTORISATION_CHOICES:
-      raise ValueError(f"factorisation: expected one of {solver.FACTORISATION_CHOICES}, "
-                       f"got {self.factorisation!r}")
+    solver.check_factorisation(self.factorisation)
     if not self.delta > 0:
       raise ValueError(f"delta: expected a positive float, got {self.delta!r}")
 

@@ -63,6 +63,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from nc_jax import _validation as v
+from nc_jax import stiefel
 from nc_jax._linalg import mm, mtm
 
 MAX_TAIL_ITERATIONS = 100
@@ -150,8 +151,9 @@ def orthonormalise(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   Returns:
     ``(X, steps)``: orthonormal columns and the int32 number of steps.
   """
-  x, tail = _tail(lambda x: _residual(mtm(x, x)), lambda x: _polar_step(x, 1.0), x, x.dtype)
-  return _polar_step(x, 1.0), tail + 1
+  step = stiefel.newton_schulz_step  # the classical step, α = 1
+  x, tail = _tail(lambda x: _residual(mtm(x, x)), step, x, x.dtype)
+  return step(x), tail + 1
 
 
 def _sign_step(s, x, alpha):

@@ -107,6 +107,11 @@ class _Config:
   tol: float
   max_iterations: int
 
+  @property
+  def matmul_only(self) -> bool:
+    """The backward, too, avoids eigh (factorisation ``"newton_schulz"``)."""
+    return self.method == "polar" and self.factorisation == "newton_schulz"
+
 
 # --------------------------------------------------------------------------- #
 # Public API
@@ -229,6 +234,13 @@ def nearest_etf(
   return p
 
 
+def check_factorisation(factorisation: str) -> None:
+  """Raises ``ValueError`` unless ``factorisation`` is one of :data:`FACTORISATION_CHOICES`."""
+  if factorisation not in FACTORISATION_CHOICES:
+    raise ValueError(f"factorisation: expected one of {FACTORISATION_CHOICES}, "
+                     f"got {factorisation!r}")
+
+
 def resolve_factorisation(factorisation: str, backend: str | None = None) -> str:
   """The concrete factorisation for ``factorisation`` (``"auto"`` → per backend).
 
@@ -240,9 +252,7 @@ def resolve_factorisation(factorisation: str, backend: str | None = None) -> str
   Returns:
     One of :data:`FACTORISATIONS`: ``"qdwh"`` on GPUs, ``"svd"`` elsewhere for ``"auto"``.
   """
-  if factorisation not in FACTORISATION_CHOICES:
-    raise ValueError(f"factorisation: expected one of {FACTORISATION_CHOICES}, "
-                     f"got {factorisation!r}")
+  check_factorisation(factorisation)
   if factorisation != "auto":
     return factorisation
   return AUTO_FACTORISATION.get(backend or jax.default_backend(), "svd")
@@ -295,12 +305,13 @@ def _feasible_point(y: jax.Array) -> jax.Array:
   return stiefel.newton_schulz_step(p)  # against rounding
 
 
-def _polar_svd(b):
+def _polar_svd(b, delta):
+  del delta
   u, s, vt = jnp.linalg.svd(b, full_matrices=False)
   return mm(u, vt), jnp.zeros((), jnp.int32)
 
 
-def _polar_eigh(b):
+def _polar_eigh(b, delta):
   r"""Polar factor from eigh of the Gram matrix, then one Newton correction.
 
   :math:`P_0 = BV\Sigma^{-1}V^T` from :math:`B^TB = V\Sigma^2V^T` loses accuracy
@@ -313,6 +324,7 @@ def _polar_eigh(b):
   factor (:math:`P \leftarrow P\,\mathrm{cay}(\Omega)`, :math:`S\Omega+\Omega S =
   2\,\mathrm{skew}(P^TB)`, S = sym(PᵀB)) restores symmetry of PᵀB, i.e. optimality.
   """
+  del delta
   k = b.shape[-1]
   eye = jnp.eye(k, dtype=b.dtype)
   lam, vecs = jnp.linalg.eigh(mtm(b, b))
@@ -327,7 +339,8 @@ def _polar_eigh(b):
   return mm(p, cayley), jnp.zeros((), jnp.int32)
 
 
-def _polar_qdwh(b):
+def _polar_qdwh(b, delta):
+  del delta
   u, _, iterations, _ = lax.linalg.qdwh(b)
   return u, jnp.asarray(iterations, jnp.int32)
 
@@ -351,7 +364,9 @@ def _polar_newton_schulz(b, delta):
   return newton_schulz.polar(b, newton_schulz_bound(delta, b.shape[-1]))
 
 
-_POLAR = {"svd": _polar_svd, "eigh": _polar_eigh, "qdwh": _polar_qdwh}
+# factorisation -> (B, δ) ↦ (P, iterations); δ sizes the schedule of the iterative ones.
+_POLAR = {"svd": _polar_svd, "eigh": _polar_eigh, "qdwh": _polar_qdwh,
+          "newton_schulz": _polar_newton_schulz}
 
 
 def _rgd(b: jax.Array, x0: jax.Array, tol: float, max_iterations: int):
@@ -419,10 +434,8 @@ def _rgd(b: jax.Array, x0: jax.Array, tol: float, max_iterations: int):
 
 def _forward(config: _Config, y: jax.Array, prox: jax.Array):
   b = _procrustes_target(y, prox, config.delta)
-  if config.method == "polar" and config.factorisation == "newton_schulz":
-    p, iterations = _polar_newton_schulz(b, config.delta)
-  elif config.method == "polar":
-    p, iterations = _POLAR[config.factorisation](b)
+  if config.method == "polar":
+    p, iterations = _POLAR[config.factorisation](b, config.delta)
   else:
     p, iterations = _rgd(b, prox, config.tol, config.max_iterations)
   grad_norm = jnp.linalg.norm(_riemannian_grad(p, b))
@@ -470,15 +483,14 @@ def polar_vjp_newton_schulz(p: jax.Array, b: jax.Array, g: jax.Array,
 
   Shapes: ``p``, ``b``, ``g``: ``(d, K)``. Returns ``(d, K)``.
   """
-  k = p.shape[-1]
+  two_eye = 2.0 * jnp.eye(p.shape[-1], dtype=p.dtype)
   s = sym(mtm(p, b))
   a = mtm(p, g)
-  rhs = jnp.stack([2.0 * jnp.eye(k, dtype=p.dtype), a - a.T])
-  y, _ = newton_schulz.lyapunov(s, rhs, lower)
+  y, _ = newton_schulz.lyapunov(s, jnp.stack([two_eye, a - a.T]), lower)
   s_inv, omega = sym(y[0]), skew(y[1])
   # One Newton step for the inverse, Y(2I − SY): S⁻¹ carried most of the iteration's
   # rounding error (float32 gradients 3–4× less accurate than eigh's without it, equal with it).
-  s_inv = sym(mm(s_inv, 2.0 * jnp.eye(k, dtype=p.dtype) - mm(s, s_inv)))
+  s_inv = sym(mm(s_inv, two_eye - mm(s, s_inv)))
   return mm(p, omega) + mm(g - mm(p, a), s_inv)
 
 
@@ -496,7 +508,7 @@ def _solve_bwd(config, residuals, cotangents):
   g = cotangents[0]
   k = p.shape[-1]
   c = 2.0 / jnp.sqrt(jnp.asarray(k - 1.0, p.dtype))
-  if config.method == "polar" and config.factorisation == "newton_schulz":
+  if config.matmul_only:
     grad_b = polar_vjp_newton_schulz(p, b, g, newton_schulz_bound(config.delta, k))
   else:
     grad_b = polar_vjp(p, b, g)
