@@ -8,6 +8,11 @@ Because the data order is a pure function of the run key and the epoch, this is
 enough for a killed and resumed run to end bitwise equal (on CPU) to an
 uninterrupted one.
 
+Static (non-array) parts of the state are not stored: they come from the restore
+template, except the implicit head's ``initialised`` flag, which is re-derived from the
+restored class-mean step counter (:func:`nc_jax.heads.sync_initialised`), so a resumed
+run continues with the steady-state program, not a second first step.
+
 Orbax cannot write zero-size arrays (the standard head keeps empty placeholders
 for state it does not use): they are saved as one-element stand-ins and
 restored from the template's shape.
@@ -26,6 +31,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+
+from nc_jax import heads
 
 
 def _is_empty(x: Any) -> bool:
@@ -74,6 +81,10 @@ class Checkpointer:
     out = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), position=ocp.args.JsonRestore()))
     state = jax.tree.map(lambda t, x: t if _is_empty(t) else x, template, out["state"])
+    # Static pytree metadata comes from the template; the implicit head's `initialised`
+    # flag is derived from the restored arrays instead (heads.sync_initialised).
+    state = jax.tree.map(lambda x: heads.sync_initialised(x) if isinstance(x, heads.HeadState)
+                         else x, state, is_leaf=lambda x: isinstance(x, heads.HeadState))
     return state, dict(out["position"])
 
   def wait(self) -> None:

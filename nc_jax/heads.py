@@ -27,8 +27,9 @@ the rest of the train state. All functions are pure and jit-able.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -91,7 +92,8 @@ class HeadConfig:
       raise ValueError(f"delta: expected a positive float, got {self.delta!r}")
 
 
-class HeadState(NamedTuple):
+@flax.struct.dataclass
+class HeadState:
   """Non-trainable head state (a pytree; replicated across devices).
 
   Attributes:
@@ -100,15 +102,23 @@ class HeadState(NamedTuple):
       a parameter).
     bias: ``(K,)`` the implicit head's last training bias; zeros otherwise.
     frame: ``(d, K)`` the implicit head's previous solution :math:`P_{prev}`.
-    initialised: ``()`` bool, the implicit head has taken a training step
-      (before it, the feasibility solve provides :math:`P_{prev}`).
     means: the implicit head's :class:`nc_jax.class_means.ClassMeanState`.
+    solve_converged: ``()`` bool, the last nearest-ETF solve certified its result
+      (:attr:`nc_jax.SolverInfo.converged`); True for the other heads.
+    initialised: static Python bool (pytree metadata, not an array): the implicit head
+      has taken a training step, so ``frame`` holds :math:`P_{prev}`; before it, the
+      step takes the feasibility solve. Being static, it selects between two compiled
+      programs — the first step and the steady state — instead of a ``lax.cond`` inside
+      one, whose predicate a GPU would copy to the host at every step. A jitted step
+      therefore compiles twice for the implicit head (once for the first step) and never
+      again. :func:`sync_initialised` re-derives it from the arrays after a restore.
   """
   weight: jax.Array
   bias: jax.Array
   frame: jax.Array
-  initialised: jax.Array
   means: class_means.ClassMeanState
+  solve_converged: jax.Array
+  initialised: bool = flax.struct.field(pytree_node=False, default=False)
 
 
 def normalise_features(h: jax.Array, tau: float) -> jax.Array:
@@ -134,10 +144,10 @@ def init(config: HeadConfig, key: jax.Array, dtype=jnp.float32) -> tuple[dict, H
   zeros_w = jnp.zeros((k, d), dtype)
   frame = jnp.eye(d, k, dtype=dtype) if d >= k else jnp.zeros((d, k), dtype)
   state = HeadState(weight=zeros_w, bias=jnp.zeros((k,), dtype), frame=frame,
-                    initialised=jnp.zeros((), bool),
                     means=class_means.init(d, k, dtype) if config.kind == "implicit" else
                     class_means.ClassMeanState(jnp.zeros((0, 0), dtype), jnp.zeros((0,), bool),
-                                               jnp.zeros((), jnp.int32)))
+                                               jnp.zeros((), jnp.int32)),
+                    solve_converged=jnp.ones((), bool))
   params: dict[str, Any] = {}
   if config.kind == "standard":
     bound = 1.0 / np.sqrt(d)
@@ -150,7 +160,7 @@ def init(config: HeadConfig, key: jax.Array, dtype=jnp.float32) -> tuple[dict, H
       frame = jnp.eye(d, k, dtype=dtype)
     else:
       frame = stiefel.random_point(jax.random.PRNGKey(config.rotation_seed), d, k, dtype)
-    state = state._replace(weight=etf_classifier(frame), frame=frame)
+    state = state.replace(weight=etf_classifier(frame), frame=frame)
   return params, state
 
 
@@ -243,20 +253,37 @@ def _fixed_logits(state, h, axis_name, valid=None):
 def _implicit_train_logits(config, state, h, labels, axis_name):
   y_bar, mu_g, means = class_means.update(state.means, h, labels, axis_name=axis_name,
                                           alpha_min=config.alpha_min)
-  # First step: P_prev from the feasibility solve (paper-notes §1.3), no gradient.
-  prox = lax.cond(state.initialised, lambda: state.frame,
-                  lambda: solver._feasible_point(lax.stop_gradient(y_bar)).astype(y_bar.dtype))
-  frame = solver.nearest_etf(y_bar, prox, delta=config.delta, method=config.method,
-                             factorisation=config.factorisation)
+  if state.initialised:
+    prox = state.frame
+  else:  # first step: P_prev from the feasibility solve, no gradient (a separate program)
+    prox = solver.feasibility_solution(lax.stop_gradient(y_bar)).astype(y_bar.dtype)
+  frame, info = solver.nearest_etf(y_bar, prox, delta=config.delta, method=config.method,
+                                   factorisation=config.factorisation, return_info=True)
   if config.forward_only:
     frame = lax.stop_gradient(frame)
   w = etf_classifier(frame)
   b = -mm(w, mu_g[:, None])[:, 0]
   logits = mm(h, w.T) + b
   sg = lax.stop_gradient
-  new_state = HeadState(weight=sg(w), bias=sg(b), frame=sg(frame),
-                        initialised=jnp.ones((), bool), means=means)
+  new_state = HeadState(weight=sg(w), bias=sg(b), frame=sg(frame), means=means,
+                        solve_converged=info.converged, initialised=True)
   return logits, new_state
+
+
+def sync_initialised(state: HeadState) -> HeadState:
+  """``state`` with the static ``initialised`` flag re-derived from its arrays.
+
+  The implicit head updates its class-mean tracker at every training step, so it is
+  initialised exactly when ``means.step > 0`` (one host read). For a state restored
+  into a fresh template (:meth:`nc_jax.checkpoint.Checkpointer.restore` calls this).
+  """
+  steps = state.means.step
+  return state.replace(initialised=bool(np.asarray(jax.device_get(steps)) > 0))
+
+
+def unconverged_solves(state: HeadState) -> jax.Array:
+  """``()`` float32: 1 if the head's last nearest-ETF solve did not certify convergence."""
+  return jnp.logical_not(state.solve_converged).astype(jnp.float32)
 
 
 # --------------------------------------------------------------------------- #

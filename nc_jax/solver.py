@@ -79,10 +79,14 @@ from nc_jax.geometry import frobenius_normalise
 METHODS = ("polar", "rgd")
 FACTORISATIONS = ("svd", "eigh", "qdwh", "newton_schulz")
 FACTORISATION_CHOICES = ("auto",) + FACTORISATIONS
-# "auto": the fastest factorisation measured on each backend (BUILD_NOTES §5.4: on an H100
-# qdwh beat svd 1.2–3.6×; on CPU svd is never more than 1.85× the best, §5.1). Backends we
-# have not measured get svd.
-AUTO_FACTORISATION = types.MappingProxyType({"gpu": "qdwh"})
+# "auto", per platform of the compiled program (``lax.platform_dependent``, resolved when
+# XLA compiles for the device, never from the host's default backend): on GPUs the
+# matmul-only solve, the only one with no cuSOLVER call, no loop and no host
+# synchronisation (BUILD_NOTES §2b); on CPU the SVD (§5.1). Platforms not listed (TPU:
+# not measured) get AUTO_DEFAULT.
+AUTO_FACTORISATION = types.MappingProxyType({"cpu": "svd", "cuda": "newton_schulz",
+                                             "rocm": "newton_schulz"})
+AUTO_DEFAULT = "svd"
 DEFAULT_DELTA = 1e-3
 
 
@@ -93,9 +97,17 @@ class SolverInfo(NamedTuple):
     iterations: int32 scalar; RGD, QDWH or Newton–Schulz iterations, else 0.
     grad_norm: scalar, Frobenius norm of the Riemannian gradient
       :math:`P\\,\\mathrm{sym}(P^TB) - B` at the returned point (0 = optimal).
+    residual: scalar, the Newton–Schulz certificate :math:`\\max|X^TX - I|` before
+      the final step (:func:`nc_jax.newton_schulz.polar`); 0 for the other solvers.
+    converged: bool scalar. Newton–Schulz: ``residual`` ≤ √eps (its fixed schedule
+      reached the polar factor); RGD: the gradient tolerance was met before
+      ``max_iterations`` or the rounding floor stopped it; the direct factorisations:
+      True.
   """
   iterations: jax.Array
   grad_norm: jax.Array
+  residual: jax.Array
+  converged: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +121,7 @@ class _Config:
 
   @property
   def matmul_only(self) -> bool:
-    """The backward, too, avoids eigh (factorisation ``"newton_schulz"``)."""
+    """The matmul-only forward and backward (factorisation ``"newton_schulz"``)."""
     return self.method == "polar" and self.factorisation == "newton_schulz"
 
 
@@ -216,7 +228,7 @@ def nearest_etf(
     prox = prox.astype(means.dtype)
   if method not in METHODS:
     raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
-  factorisation = resolve_factorisation(factorisation)
+  check_factorisation(factorisation)
   if not (isinstance(delta, (int, float)) and delta > 0):
     raise ValueError(f"delta: expected a positive Python float, got {delta!r}")
   if tol is None:
@@ -228,9 +240,16 @@ def nearest_etf(
   config = _Config(float(delta), method, factorisation, float(tol), int(max_iterations))
   if prox is None:
     prox = lax.stop_gradient(_feasible_point(means))
-  p, iterations, grad_norm = _solve_jit(config, means, prox)
+  p, iterations, grad_norm, residual, converged = _solve_dispatch(config, means, prox)
+  if config.method == "polar" and v.is_concrete(converged) and not bool(converged):
+    raise ValueError(
+        f"means: the matmul-only nearest-ETF solve did not converge in its fixed schedule "
+        f"(residual {float(residual):.2e} > {newton_schulz.tolerance(means.dtype):.1e}): "
+        f"σ_min(B) is below the bound δ/16 the schedule is sized for; expected "
+        f"unit-Frobenius-norm means (normalise_means), got norm "
+        f"{float(jnp.linalg.norm(means)):.3g}. Use factorisation='svd' for other inputs.")
   if return_info:
-    return p, SolverInfo(iterations, grad_norm)
+    return p, SolverInfo(iterations, grad_norm, residual, converged)
   return p
 
 
@@ -241,21 +260,29 @@ def check_factorisation(factorisation: str) -> None:
                      f"got {factorisation!r}")
 
 
-def resolve_factorisation(factorisation: str, backend: str | None = None) -> str:
-  """The concrete factorisation for ``factorisation`` (``"auto"`` → per backend).
+def resolve_factorisation(factorisation: str, platform: str | None = None) -> str:
+  """The factorisation ``factorisation`` runs as on ``platform`` (``"auto"`` → per platform).
+
+  ``"auto"`` is not resolved on the host: :func:`nearest_etf` stages every choice of
+  :data:`AUTO_FACTORISATION` with ``lax.platform_dependent`` and XLA keeps the one of the
+  platform it compiles for (so a program compiled for a GPU on a CPU host takes the GPU
+  path). This function names that choice, e.g. for run records.
 
   Args:
     factorisation: one of :data:`FACTORISATION_CHOICES`.
-    backend: JAX platform name (``"cpu"``, ``"gpu"``, ``"tpu"``); default
-      ``jax.default_backend()``, the platform a ``jit`` without explicit placement runs on.
+    platform: ``"cpu"``, ``"cuda"``, ``"rocm"``, ``"tpu"`` (``"gpu"`` means the
+      backend's GPU platform); default ``jax.default_backend()``.
 
   Returns:
-    One of :data:`FACTORISATIONS`: ``"qdwh"`` on GPUs, ``"svd"`` elsewhere for ``"auto"``.
+    One of :data:`FACTORISATIONS`: ``"newton_schulz"`` on GPUs, ``"svd"`` elsewhere for
+    ``"auto"``.
   """
   check_factorisation(factorisation)
   if factorisation != "auto":
     return factorisation
-  return AUTO_FACTORISATION.get(backend or jax.default_backend(), "svd")
+  platform = platform or jax.default_backend()
+  platform = {"gpu": "cuda"}.get(platform, platform)  # CUDA and ROCm choose alike
+  return AUTO_FACTORISATION.get(platform, AUTO_DEFAULT)
 
 
 def feasibility_solution(means: jax.Array) -> jax.Array:
@@ -305,10 +332,26 @@ def _feasible_point(y: jax.Array) -> jax.Array:
   return stiefel.newton_schulz_step(p)  # against rounding
 
 
+# Every factorisation: (B, δ) ↦ _Polar. δ sizes the schedule of the matmul-only one.
+
+
+class _Polar(NamedTuple):
+  p: jax.Array               # (d, K) polar factor of B
+  iterations: jax.Array      # () int32
+  residual: jax.Array        # () the Newton–Schulz certificate; 0 for direct factorisations
+  backward: tuple            # what the backward needs besides (P, B): () or (S⁻¹, scale)
+
+
+def _direct(p, iterations=None):
+  zero = jnp.zeros((), p.dtype)
+  iterations = jnp.zeros((), jnp.int32) if iterations is None else iterations
+  return _Polar(p, iterations, zero, ())
+
+
 def _polar_svd(b, delta):
   del delta
   u, s, vt = jnp.linalg.svd(b, full_matrices=False)
-  return mm(u, vt), jnp.zeros((), jnp.int32)
+  return _direct(mm(u, vt))
 
 
 def _polar_eigh(b, delta):
@@ -319,7 +362,7 @@ def _polar_eigh(b, delta):
   :math:`\kappa \approx \varepsilon^{-1/2}` (3,000 in float32) the smallest computed
   eigenvalues are rounding noise, possibly negative, so they are floored at
   :math:`\varepsilon\lambda_{max}` (finite :math:`P_0`, never NaN). Newton–Schulz
-  steps then restore orthonormality (:func:`nc_jax.newton_schulz.orthonormalise`:
+  steps then restore orthonormality (:func:`nc_jax.stiefel.orthonormalise`:
   two when κ is moderate, more after flooring); one Newton step for the polar
   factor (:math:`P \leftarrow P\,\mathrm{cay}(\Omega)`, :math:`S\Omega+\Omega S =
   2\,\mathrm{skew}(P^TB)`, S = sym(PᵀB)) restores symmetry of PᵀB, i.e. optimality.
@@ -330,41 +373,48 @@ def _polar_eigh(b, delta):
   lam, vecs = jnp.linalg.eigh(mtm(b, b))
   sig = jnp.sqrt(jnp.maximum(lam, jnp.finfo(b.dtype).eps * lam[-1]))
   p = mm(b, mm(vecs / sig, vecs.T))
-  p, _ = newton_schulz.orthonormalise(p)
+  p, _ = stiefel.orthonormalise(p)
   h = mtm(p, b)
   sig, vecs = jnp.linalg.eigh(sym(h))
   c = mtm(vecs, mm(2.0 * skew(h), vecs))
   omega = mm(vecs, mm(c / (sig[:, None] + sig[None, :]), vecs.T))
   cayley = jnp.linalg.solve(eye - 0.5 * omega, eye + 0.5 * omega)
-  return mm(p, cayley), jnp.zeros((), jnp.int32)
+  return _direct(mm(p, cayley))
 
 
 def _polar_qdwh(b, delta):
   del delta
   u, _, iterations, _ = lax.linalg.qdwh(b)
-  return u, jnp.asarray(iterations, jnp.int32)
+  return _direct(u, jnp.asarray(iterations, jnp.int32))
+
+
+BOUND_MARGIN = 64.0
+"""Safety factor of :func:`newton_schulz_bound`: the fixed schedule converges for any
+σ_min(B) ≥ δ/16 (one factor 4 for σ_min ≥ δ/16, one for ‖B‖₂ ≤ s ≤ ‖B‖_F)."""
 
 
 def newton_schulz_bound(delta: float, num_classes: int) -> float:
-  r"""Lower bound of :math:`\sigma_{min}(B)/\|B\|_F` that sizes the Newton–Schulz schedule.
+  r"""Lower bound of :math:`\sigma_{min}(B)/s` that sizes the fixed Newton–Schulz schedule.
 
   :math:`B = c\bar YM + \delta P_{prev}` maps the direction :math:`v = 1/\sqrt K`
   (which M annihilates) to :math:`\delta P_{prev}v`, so :math:`\sigma_{min}(B) \le
   \delta`; in training-like problems it stays within a factor 0.6–1 of δ (BUILD_NOTES
   §2b; a square problem with a random P_prev reached 0.04δ). With
-  :math:`\|\bar Y\|_F = 1`, :math:`\|B\|_F \le c + \delta\sqrt K`. The bound
-  :math:`\delta/(4(c + \delta\sqrt K))` allows a factor 4; below it the solver's
-  convergence check adds classical steps, so the result stays exact.
+  :math:`\|\bar Y\|_F = 1`, the scale satisfies :math:`s \le \|B\|_F \le c +
+  \delta\sqrt K`. The bound :math:`\delta/(64(c + \delta\sqrt K))`
+  (:data:`BOUND_MARGIN`) covers :math:`\sigma_{min}(B) \ge \delta/16` with a further
+  factor 4 to spare, at three steps more than a bound at δ itself; anything below shows in
+  the solve's residual (:class:`SolverInfo`), which the training step counts.
   """
   c = 2.0 / math.sqrt(num_classes - 1)
-  return min(1.0, delta / (4.0 * (c + delta * math.sqrt(num_classes))))
+  return min(1.0, delta / (BOUND_MARGIN * (c + delta * math.sqrt(num_classes))))
 
 
 def _polar_newton_schulz(b, delta):
-  return newton_schulz.polar(b, newton_schulz_bound(delta, b.shape[-1]))
+  out = newton_schulz.polar(b, newton_schulz_bound(delta, b.shape[-1]))
+  return _Polar(out.factor, out.steps, out.residual, (out.inverse_root, out.scale))
 
 
-# factorisation -> (B, δ) ↦ (P, iterations); δ sizes the schedule of the iterative ones.
 _POLAR = {"svd": _polar_svd, "eigh": _polar_eigh, "qdwh": _polar_qdwh,
           "newton_schulz": _polar_newton_schulz}
 
@@ -433,13 +483,18 @@ def _rgd(b: jax.Array, x0: jax.Array, tol: float, max_iterations: int):
 
 
 def _forward(config: _Config, y: jax.Array, prox: jax.Array):
+  """Outputs ``(P, iterations, grad_norm, residual, converged)``; residuals for the VJP."""
   b = _procrustes_target(y, prox, config.delta)
   if config.method == "polar":
-    p, iterations = _POLAR[config.factorisation](b, config.delta)
+    out = _POLAR[config.factorisation](b, config.delta)
+    converged = (newton_schulz.converged(out.residual) if config.matmul_only
+                 else jnp.ones((), bool))
   else:
-    p, iterations = _rgd(b, prox, config.tol, config.max_iterations)
-  grad_norm = jnp.linalg.norm(_riemannian_grad(p, b))
-  return (p, iterations, grad_norm), (p, b)
+    x, iterations = _rgd(b, prox, config.tol, config.max_iterations)
+    out = _direct(x, iterations)
+    converged = iterations < config.max_iterations
+  grad_norm = jnp.linalg.norm(_riemannian_grad(out.p, b))
+  return (out.p, out.iterations, grad_norm, out.residual, converged), (out.p, b, out.backward)
 
 
 # --------------------------------------------------------------------------- #
@@ -467,31 +522,45 @@ def polar_vjp(p: jax.Array, b: jax.Array, g: jax.Array) -> jax.Array:
   return mm(p, tangent) + mm(g, s_inv)
 
 
-def polar_vjp_newton_schulz(p: jax.Array, b: jax.Array, g: jax.Array,
-                            lower: float) -> jax.Array:
-  r""":func:`polar_vjp` by matrix products only (no eigendecomposition).
+def polar_vjp_newton_schulz(p: jax.Array, b: jax.Array, g: jax.Array, lower: float, *,
+                            inverse_root: jax.Array | None = None,
+                            scale: jax.Array | None = None) -> jax.Array:
+  r""":func:`polar_vjp` by matrix products only (no eigendecomposition, no loop).
 
-  Solves :math:`SY + YS = [2I,\ A - A^T]` with :func:`nc_jax.newton_schulz.lyapunov`
-  (two right-hand sides, one iteration): :math:`Y_1 = S^{-1}` (refined by one Newton
-  step), :math:`Y_2 = \Omega'`, then returns :math:`P\Omega' + (\bar G - PA)\,S^{-1}`.
-  ``lower`` bounds :math:`\lambda_{min}(S)/\|S\|_F = \sigma_{min}(B)/\|B\|_F`.
+  Solves :math:`S\Omega' + \Omega'S = A - A^T` with
+  :func:`nc_jax.newton_schulz.lyapunov` and returns
+  :math:`P\Omega' + (\bar G - PA)\,S^{-1}`, with :math:`S^{-1}` refined by one Newton
+  step :math:`Y(2I - SY)` (it carried most of the rounding error: float32 gradients were
+  3–4× less accurate than eigh's without it, level with it).
+
+  Args:
+    p, b, g: ``(d, K)``: the polar factor, B, and the cotangent :math:`\bar G`.
+    lower: static lower bound of :math:`\lambda_{min}(S)/s` (the forward's bound).
+    inverse_root: ``(K, K)`` :math:`S^{-1}` from the forward
+      (:attr:`nc_jax.newton_schulz.Polar.inverse_root`); without it the Lyapunov solve
+      takes :math:`2I` as a second right-hand side to compute it.
+    scale: ``()`` the forward's scale s; the iteration then repeats the forward's scalar
+      recurrence exactly, so the forward's residual certifies this solve too.
 
   Accuracy in float32: level with :func:`polar_vjp` for the cotangents the ETF head
   produces (:math:`\bar G\,1 = 0`: W depends on PM only); a cotangent with a component along
-  :math:`P1/\sqrt K` meets :math:`S^{-1}`'s 1/δ eigenvalue, where this inverse is 3–6× less
+  :math:`P1/\sqrt K` meets :math:`S^{-1}`'s 1/δ eigenvalue, where this inverse is less
   accurate than the eigendecomposition's (BUILD_NOTES §2b).
 
-  Shapes: ``p``, ``b``, ``g``: ``(d, K)``. Returns ``(d, K)``.
+  Returns ``(d, K)``.
   """
-  two_eye = 2.0 * jnp.eye(p.shape[-1], dtype=p.dtype)
-  s = sym(mtm(p, b))
-  a = mtm(p, g)
-  y, _ = newton_schulz.lyapunov(s, jnp.stack([two_eye, a - a.T]), lower)
-  s_inv, omega = sym(y[0]), skew(y[1])
-  # One Newton step for the inverse, Y(2I − SY): S⁻¹ carried most of the iteration's
-  # rounding error (float32 gradients 3–4× less accurate than eigh's without it, equal with it).
+  k = p.shape[-1]
+  two_eye = 2.0 * jnp.eye(k, dtype=p.dtype)
+  sa = mtm(p, jnp.concatenate([b, g], axis=1))       # [PᵀB | PᵀḠ], one product
+  s, a = sym(sa[:, :k]), sa[:, k:]
+  if inverse_root is None:
+    y = newton_schulz.lyapunov(s, jnp.stack([two_eye, a - a.T]), lower, scale=scale).solution
+    s_inv, omega = sym(y[0]), skew(y[1])
+  else:
+    omega = skew(newton_schulz.lyapunov(s, a - a.T, lower, scale=scale).solution)
+    s_inv = sym(inverse_root)
   s_inv = sym(mm(s_inv, two_eye - mm(s, s_inv)))
-  return mm(p, omega) + mm(g - mm(p, a), s_inv)
+  return mm(p, omega - mm(a, s_inv)) + mm(g, s_inv)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -504,12 +573,14 @@ def _solve_fwd(config, y, prox):
 
 
 def _solve_bwd(config, residuals, cotangents):
-  p, b = residuals
+  p, b, backward = residuals
   g = cotangents[0]
   k = p.shape[-1]
   c = 2.0 / jnp.sqrt(jnp.asarray(k - 1.0, p.dtype))
   if config.matmul_only:
-    grad_b = polar_vjp_newton_schulz(p, b, g, newton_schulz_bound(config.delta, k))
+    inverse_root, scale = backward
+    grad_b = polar_vjp_newton_schulz(p, b, g, newton_schulz_bound(config.delta, k),
+                                     inverse_root=inverse_root, scale=scale)
   else:
     grad_b = polar_vjp(p, b, g)
   grad_y = c * centre_columns(grad_b)
@@ -520,3 +591,16 @@ def _solve_bwd(config, residuals, cotangents):
 _solve.defvjp(_solve_fwd, _solve_bwd)
 # Compiled once per (config, shape, dtype); inside a caller's jit this inlines.
 _solve_jit = jax.jit(_solve, static_argnums=0)
+
+
+def _solve_dispatch(config: _Config, y: jax.Array, prox: jax.Array):
+  """``_solve`` with ``factorisation="auto"`` staged per platform (:data:`AUTO_FACTORISATION`).
+
+  ``lax.platform_dependent`` traces every branch; lowering for one platform keeps only
+  its branch, so the compiled program holds no conditional.
+  """
+  if config.method != "polar" or config.factorisation != "auto":
+    return _solve_jit(config, y, prox)
+  branch = lambda f: functools.partial(_solve_jit, dataclasses.replace(config, factorisation=f))
+  branches = {platform: branch(f) for platform, f in AUTO_FACTORISATION.items()}
+  return lax.platform_dependent(y, prox, default=branch(AUTO_DEFAULT), **branches)

@@ -138,7 +138,11 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, *, model
   params = {**params, "head": heads.renormalise(head_config, params["head"])}
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
                             opt_state=opt_state, head=head_state)
-  return new_state, _step_metrics(jax.lax.stop_gradient(per_sample), logits, labels)
+  metrics = _step_metrics(jax.lax.stop_gradient(per_sample), logits, labels)
+  # Solves whose fixed schedule did not certify convergence, counted on device and checked
+  # where the host reads the metrics (summarise): never a synchronisation inside the step.
+  metrics["etf_unconverged"] = heads.unconverged_solves(head_state)
+  return new_state, metrics
 
 
 def eval_step(state: TrainState, images: jax.Array, labels: jax.Array, *, model: nn.Module,
@@ -224,9 +228,27 @@ def add_metrics(total: dict | None, new: dict) -> dict:
   return new if total is None else jax.tree.map(jnp.add, total, new)
 
 
+class SolveNotConverged(FloatingPointError):
+  """Training steps whose nearest-ETF solve did not certify convergence (:func:`summarise`)."""
+
+
 def summarise(total: dict) -> dict:
-  """Host-side means of summed metrics: loss and accuracies in %."""
+  """Host-side means of summed metrics: loss and accuracies in %.
+
+  Raises:
+    SolveNotConverged: the summed training metrics count steps whose nearest-ETF solve
+      missed its convergence certificate (``etf_unconverged`` > 0): their classifier is
+      not the nearest ETF, so the run stops here rather than train on it.
+  """
   total = jax.device_get(total)
+  failed = int(total.get("etf_unconverged", 0))
+  if failed:
+    raise SolveNotConverged(
+        f"{failed} training step(s) since the metrics were last read took a nearest-ETF solve "
+        f"that did not converge in its fixed Newton–Schulz schedule (σ_min(B) fell below the "
+        f"bound δ/16 the schedule is sized for; nc_jax.solver.newton_schulz_bound). The last "
+        f"checkpoint is intact. Resume with factorisation='svd' (--factorisation svd), or "
+        f"report the case: it is outside what the solver was measured on.")
   n = float(total["count"])
   return {"loss": float(total["loss_sum"]) / n, "top1": 100.0 * float(total["correct"]) / n,
           "top5": 100.0 * float(total["correct_top5"]) / n, "count": int(n)}

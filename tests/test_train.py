@@ -180,8 +180,11 @@ def test_each_head_trains_to_full_accuracy_and_collapses(kind):
     assert after["nc2_etf"] < 1e-5  # ETF by construction
 
 
-def test_train_step_does_not_retrace_and_updates_state():
-  model, cfg, tx, state, x, y = setup("implicit")
+@pytest.mark.parametrize("kind,programs", [("implicit", 2), ("standard", 1), ("fixed", 1)])
+def test_train_step_does_not_retrace_and_updates_state(kind, programs):
+  """The implicit head's first step is its own program (selected by the static
+  ``initialised`` flag, not by a ``lax.cond``); every later step reuses the second one."""
+  model, cfg, tx, state, x, y = setup(kind)
   traces = []
 
   def counted(*a, **kw):
@@ -191,8 +194,12 @@ def test_train_step_does_not_retrace_and_updates_state():
   step = jax.jit(functools.partial(counted, model=model, tx=tx, head_config=cfg))
   s1, m1 = step(state, x[:32], y[:32])
   s2, m2 = step(s1, x[32:64], y[32:64])
-  assert len(traces) == 1
-  assert int(s2.step) == 2 and int(s2.head.means.step) == 2
+  s3, _ = step(s2, x[64:96], y[64:96])
+  assert len(traces) == programs
+  assert s1.head.initialised == (kind == "implicit") == s3.head.initialised
+  assert not state.head.initialised
+  assert int(s2.step) == 2 and int(s2.head.means.step) == (2 if kind == "implicit" else 0)
+  assert float(m1["etf_unconverged"]) == 0.0
   assert float(m1["count"]) == 32
   changed = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), state.batch_stats,
                          s2.batch_stats)
