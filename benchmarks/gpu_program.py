@@ -33,7 +33,8 @@ of programs that way and counts, per program:
   in CUDA graphs, so each splits the graph around it, and some synchronise internally.
 * **trsm** — ``kTriangularSolve`` (cuBLAS trsm; not capturable either).
 * **other custom calls** — the remaining ``kCustomCall`` entries, by target.
-* **lower s / compile s** — seconds to trace and lower, and for XLA to compile, on this host.
+* **lower s / compile s** — seconds to build the abstract inputs, trace and lower, and for
+  XLA to compile, on this host.
 
 Counts are static: a loop body's launches count once however often it runs (the JSON lists
 each host-run loop's launches per iteration). Nothing is timed on a GPU, GEMM and
@@ -67,7 +68,9 @@ How. The CUDA plugin (``jax-cuda12-plugin`` and ``jax-cuda12-pjrt`` of the insta
 jaxlib's version; ~180 MB) is installed with ``pip install --no-deps --target`` into a
 directory of its own (``setup``; default ``.gpu-aot/<version>/``, or ``--plugin-dir`` /
 ``$NC_JAX_GPU_AOT_DIR``), never into the environment: with the plugin importable, every
-plain ``import jax`` on a machine without a GPU prints a CUDA traceback. The compiles run
+plain ``import jax`` on a machine without a GPU prints a CUDA traceback. (Where the
+environment has the plugin already, as on a GPU machine with ``jax[cuda12]``, that one is
+used and ``setup`` has nothing to do; the compile is the same deviceless one.) The compiles run
 in a child process (this file run as a script) whose ``PYTHONPATH`` is the caller's with the
 plugin directory appended (so a caller's ``PYTHONPATH=/some/checkout`` decides which
 ``nc_jax`` is compiled; the table reports the file), with ``JAX_PLATFORMS=cpu``,
@@ -111,7 +114,6 @@ STEP_HEADS = ("standard", "fixed", "implicit", "implicit-fo")
 STEP_CLASSES = (10, 100)
 STEP_BATCH = 256
 IMAGE_SHAPE = (32, 32, 3)
-SHARDED_TOPOLOGY = "1x1x2"  # <slices>x<hosts per slice>x<devices per host>
 SHARDED_DEVICES = 2
 
 # Launch-list entries that hold others rather than launch work themselves.
@@ -158,6 +160,12 @@ class Program:
     return cls(**data)
 
 
+def topology_string(devices: int) -> str:
+  """The CUDA plugin's topology for ``devices`` GPUs on one host:
+  ``<slices>x<hosts per slice>x<devices per host>``."""
+  return f"1x1x{int(devices)}"
+
+
 def solver_factorisations() -> tuple[str, ...]:
   """``nc_jax.solver.FACTORISATIONS`` and ``"auto"`` (imports nc_jax, hence JAX on the CPU)."""
   from nc_jax import solver  # pylint: disable=import-outside-toplevel
@@ -191,7 +199,7 @@ def select_programs(programs: Sequence[Program], patterns: str | Sequence[str] |
   if not patterns:
     raise ValueError("programs: expected at least one name or glob, got none")
   names = [p.name for p in programs]
-  unmatched = [p for p in patterns if not fnmatch.filter(names, p)]
+  unmatched = [pat for pat in patterns if not any(fnmatch.fnmatchcase(n, pat) for n in names)]
   if unmatched:
     raise ValueError(f"programs: {unmatched} match none of the programs "
                      f"(`python -m benchmarks.gpu_program --list` lists them)")
@@ -516,6 +524,29 @@ def default_plugin_dir(version: str | None = None) -> Path:
   return REPO_ROOT / ".gpu-aot" / (version or plugin_version())
 
 
+def environment_has_plugin(version: str | None = None) -> bool:
+  """Whether this environment already has both plugin packages at ``version`` (a GPU
+  machine with ``jax[cuda12]``); checks the packages' metadata, imports nothing."""
+  from importlib import metadata  # pylint: disable=import-outside-toplevel
+  version = version or plugin_version()
+  try:
+    return all(metadata.version(p) == version for p in PLUGIN_PACKAGES)
+  except metadata.PackageNotFoundError:
+    return False
+
+
+def resolve_plugin_dir(plugin_dir: str | os.PathLike | None = None,
+                       version: str | None = None) -> Path | None:
+  """The plugin folder to put on the child's path: ``plugin_dir`` if given, else
+  ``$NC_JAX_GPU_AOT_DIR`` if set, else ``None`` if the environment has the plugin (GPU
+  machines), else ``.gpu-aot/<version>``."""
+  if plugin_dir is not None:
+    return Path(plugin_dir)
+  if not os.environ.get(PLUGIN_DIR_ENV) and environment_has_plugin(version):
+    return None
+  return default_plugin_dir(version)
+
+
 def plugin_problem(plugin_dir: str | os.PathLike, version: str) -> str | None:
   """Why ``plugin_dir`` does not hold both plugin packages at ``version``; ``None`` if it does."""
   plugin_dir = Path(plugin_dir)
@@ -542,7 +573,8 @@ def _run_pip(args: list[str], what: str) -> None:
 
 def setup_plugin(plugin_dir: str | os.PathLike | None = None, version: str | None = None, *,
                  wheels: str | os.PathLike | None = None,
-                 log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> Path:
+                 log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)
+                 ) -> Path | None:
   """Installs the CUDA plugin wheels into ``plugin_dir`` (skips if they are there).
 
   ``pip download --no-deps`` of ``jax-cuda12-plugin==V`` and ``jax-cuda12-pjrt==V`` (V: the
@@ -551,25 +583,31 @@ def setup_plugin(plugin_dir: str | os.PathLike | None = None, version: str | Non
   into place, so an interrupted set-up leaves nothing half-installed.
 
   Args:
-    plugin_dir: target folder (default :func:`default_plugin_dir`).
+    plugin_dir: target folder (default :func:`resolve_plugin_dir`: nothing to do where the
+      environment has the plugin, as on a GPU machine).
     version: plugin version (default :func:`plugin_version`).
     wheels: a folder holding the two wheels: install from it without an index (offline).
     log: progress messages.
 
   Returns:
-    ``plugin_dir``.
+    The plugin folder, or ``None`` if the environment has the plugin.
 
   Raises:
     SetupError: pip failed (no network, no wheel for this Python/platform), or
       ``plugin_dir`` exists with other content.
   """
   version = version or plugin_version()
-  plugin_dir = Path(plugin_dir) if plugin_dir is not None else default_plugin_dir(version)
+  resolved = resolve_plugin_dir(plugin_dir, version)
+  if resolved is None:
+    log(f"setup: this environment has the CUDA plugin {version} already; nothing to install")
+    return None
+  plugin_dir = resolved
   problem = plugin_problem(plugin_dir, version)
   if problem is None:
     log(f"setup: CUDA plugin {version} already in {plugin_dir}")
     return plugin_dir
-  if plugin_dir.exists() and any(plugin_dir.iterdir()) and not (plugin_dir / "jax_plugins").is_dir():
+  foreign = plugin_dir.exists() and any(plugin_dir.iterdir())
+  if foreign and not (plugin_dir / "jax_plugins").is_dir():
     raise SetupError(f"setup: {plugin_dir} exists and is not a plugin folder; remove it or "
                      f"choose another --plugin-dir")
   plugin_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -640,13 +678,16 @@ def strip_dump_flags(xla_flags: str) -> str:
   return " ".join(kept)
 
 
-def child_environment(plugin_dir: str | os.PathLike,
+def child_environment(plugin_dir: str | os.PathLike | None,
                       environ: dict[str, str] | None = None) -> dict[str, str]:
   """The compiling child's environment: the caller's, plus the plugin on ``PYTHONPATH``
-  (after the caller's entries), CPU as JAX's platform, no CUDA checks, no ``--xla_dump_to``."""
+  (after the caller's entries; ``plugin_dir=None``: the environment has it), CPU as JAX's
+  platform, no CUDA checks, no ``--xla_dump_to``."""
   env = dict(os.environ if environ is None else environ)
   paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-  env["PYTHONPATH"] = os.pathsep.join(paths + [str(Path(plugin_dir).resolve())])
+  if plugin_dir is not None:
+    paths.append(str(Path(plugin_dir).resolve()))
+  env["PYTHONPATH"] = os.pathsep.join(paths)
   env["JAX_PLATFORMS"] = "cpu"
   env["JAX_SKIP_CUDA_CONSTRAINTS_CHECK"] = "1"
   env["XLA_FLAGS"] = strip_dump_flags(env.get("XLA_FLAGS", ""))
@@ -657,14 +698,15 @@ def child_environment(plugin_dir: str | os.PathLike,
 
 
 def _read_events(path: Path, offset: int) -> tuple[list[dict[str, Any]], int]:
+  """The complete JSON lines of ``path`` after byte ``offset``, and the new offset."""
   if not path.exists():
     return [], offset
-  with open(path, encoding="utf-8") as f:
+  with open(path, "rb") as f:
     f.seek(offset)
     data = f.read()
-  complete = data[:data.rfind("\n") + 1]
-  return [json.loads(line) for line in complete.splitlines() if line.strip()], offset + len(
-      complete.encode("utf-8"))
+  complete = data[:data.rfind(b"\n") + 1]
+  lines = complete.decode("utf-8").splitlines()
+  return [json.loads(line) for line in lines if line.strip()], offset + len(complete)
 
 
 def measure(programs: Sequence[Program | str], *, plugin_dir: str | os.PathLike | None = None,
@@ -677,7 +719,7 @@ def measure(programs: Sequence[Program | str], *, plugin_dir: str | os.PathLike 
 
   Args:
     programs: :class:`Program` objects or names of :func:`all_programs`.
-    plugin_dir: the CUDA plugin folder (default :func:`default_plugin_dir`); must hold the
+    plugin_dir: the CUDA plugin folder (default :func:`resolve_plugin_dir`); must hold the
       plugin (:func:`setup_plugin`).
     target_config: the GPU's ``GpuTargetConfig`` text proto.
     dump_dir: keep every program's full XLA dump in ``dump_dir/<program>/`` (default: a
@@ -697,9 +739,10 @@ def measure(programs: Sequence[Program | str], *, plugin_dir: str | os.PathLike 
     if unknown:
       raise ValueError(f"programs: unknown names {unknown}; choose from {sorted(by_name)}")
     programs = [by_name[p] if isinstance(p, str) else p for p in programs]
+  programs = list(dict.fromkeys(programs))
   version = plugin_version()
-  plugin_dir = Path(plugin_dir) if plugin_dir is not None else default_plugin_dir(version)
-  problem = plugin_problem(plugin_dir, version)
+  plugin_dir = resolve_plugin_dir(plugin_dir, version)
+  problem = None if plugin_dir is None else plugin_problem(plugin_dir, version)
   if problem is not None:
     raise SetupError(f"plugin_dir: {problem}; run `python -m benchmarks.gpu_program setup`")
   target_config = Path(target_config).resolve()
@@ -732,30 +775,39 @@ def measure(programs: Sequence[Program | str], *, plugin_dir: str | os.PathLike 
                                  str(spec_path)], env=env, stdout=err, stderr=subprocess.STDOUT,
                                 cwd=str(work))
         offset, started = 0, None
-        while True:
-          code = proc.poll()
-          events, offset = _read_events(events_path, offset)
-          for ev in events:
-            if ev["event"] == "hello":
-              environment = ev["environment"]
-            elif ev["event"] == "start":
-              started = ev["name"]
-            elif ev["event"] == "done":
-              started = None
-              p = next(q for q in remaining if q.name == ev["name"])
-              results[p.name] = _finish(p, ev, base / p.name)
-              r = results[p.name]
-              log(f"gpu_program: {p.name}: " + (f"error: {r.error.splitlines()[-1]}" if r.error
-                  else f"{r.summary.launches} launches, compile {r.compile_s:.1f} s"))
-          if code is not None:
-            break
-          time.sleep(0.2)
+        try:
+          while True:
+            code = proc.poll()
+            events, offset = _read_events(events_path, offset)
+            for ev in events:
+              if ev["event"] == "hello":
+                environment = ev["environment"]
+              elif ev["event"] == "start":
+                started = ev["name"]
+              elif ev["event"] == "done":
+                started = None
+                p = next(q for q in remaining if q.name == ev["name"])
+                r = results[p.name] = _finish(p, ev, base / p.name)
+                log(f"gpu_program: {p.name}: " + (
+                    f"error: {r.error.splitlines()[0]}" if r.error else
+                    f"{r.summary.launches} launches, compile {r.compile_s:.1f} s"))
+            if code is not None:
+              break
+            time.sleep(0.2)
+        except BaseException:  # e.g. KeyboardInterrupt: do not leave the compile running
+          if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+          raise
       remaining = [p for p in remaining if p.name not in results]
       if remaining and code != 0:
-        tail = "\n".join(stderr_path.read_text(errors="replace").splitlines()[-15:])
+        lines = [l for l in stderr_path.read_text(errors="replace").splitlines() if l.strip()]
+        last = lines[-1].strip() if lines else "(no output)"
+        tail = "\n".join(lines[-15:])
         victims = [p for p in remaining if p.name == started] or remaining
         for p in victims:
-          results[p.name] = ProgramResult(p, error=f"compiling process exited {code}:\n{tail}")
+          results[p.name] = ProgramResult(
+              p, error=f"compiling process exited {code}: {last}\n\n{tail}")
           log(f"gpu_program: {p.name}: compiling process exited {code}")
         remaining = [p for p in remaining if p.name not in results]
       elif remaining:
@@ -881,9 +933,8 @@ def _child_main(spec_path: str) -> int:
 
   def topology(devices: int):
     if devices not in topos:
-      name = "1x1x1" if devices == 1 else f"1x1x{devices}"
-      topos[devices] = topologies.get_topology_desc(platform="cuda", topology=name,
-                                                    target_config=target)
+      topos[devices] = topologies.get_topology_desc(
+          platform="cuda", topology=topology_string(devices), target_config=target)
     return topos[devices]
 
   from importlib import metadata  # pylint: disable=import-outside-toplevel
@@ -900,7 +951,8 @@ def _child_main(spec_path: str) -> int:
   device_kind = topology(1).devices[0].device_kind
   emit(event="hello", environment={
       "jax": jax.__version__, "jaxlib": versions["jaxlib"],
-      "cuda_plugin": versions["jax-cuda12-plugin"], "nc_jax": str(Path(nc_jax.__file__).resolve().parent),
+      "cuda_plugin": versions["jax-cuda12-plugin"],
+      "nc_jax": str(Path(nc_jax.__file__).resolve().parent),
       "python": platform.python_version(), "device_kind": device_kind,
       "auto_factorisation": auto, "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "target_config": spec["target_config"]})
@@ -931,8 +983,9 @@ def _child_main(spec_path: str) -> int:
                                         if program.factorisation == "auto"
                                         else program.factorisation)
       del compiled, lowered
-    except Exception:  # pylint: disable=broad-except
-      out["error"] = traceback.format_exc(limit=6)
+    except Exception as e:  # pylint: disable=broad-except
+      first = (str(e).strip().splitlines() or [""])[0]
+      out["error"] = f"{type(e).__name__}: {first}\n\n{traceback.format_exc(limit=6)}"
     if not spec.get("keep_all"):
       _prune_dump(dump)
     jax.clear_caches()
@@ -954,13 +1007,14 @@ def _counted(names: Sequence[str]) -> str:
   if not names:
     return "0"
   counts = collections.Counter(short_target(n) for n in names)
-  return f"{len(names)}: " + ", ".join(f"{n}×{c}" if c > 1 else n for n, c in sorted(counts.items()))
+  return f"{len(names)}: " + ", ".join(f"{n}×{c}" if c > 1 else n
+                                       for n, c in sorted(counts.items()))
 
 
 def table_row(r: ProgramResult) -> list[str]:
   if r.summary is None:
-    last = (r.error or "failed").strip().splitlines()[-1]
-    return [r.name, f"error: {last[:120]}"] + [""] * (len(HEADERS) - 2)
+    first = (r.error or "failed").strip().splitlines()[0]
+    return [r.name, f"error: {first[:120]}"] + [""] * (len(HEADERS) - 2)
   s = r.summary
   cond = str(s.conditionals) + (f" (+{s.graph_conditionals} in graph)" if s.graph_conditionals
                                 else "")
@@ -1004,7 +1058,8 @@ def report(results: Sequence[ProgramResult], environment: dict[str, Any],
            total_s: float | None = None) -> str:
   env = environment
   lines = ["# GPU program structure (`benchmarks/gpu_program.py`)", "",
-           f"- target: {env.get('device_kind', '?')} (`{Path(env.get('target_config', '?')).name}`), "
+           f"- target: {env.get('device_kind', '?')} "
+           f"(`{Path(env.get('target_config', '?')).name}`), "
            f"deviceless compile; jax {env.get('jax', '?')}, CUDA plugin "
            f"{env.get('cuda_plugin', '?')}, Python {env.get('python', '?')}",
            f"- nc_jax: `{env.get('nc_jax', '?')}`; `auto` factorisation on the GPU = "
@@ -1047,8 +1102,8 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--json", metavar="PATH", default=None,
                       help="also write machine-readable results to PATH")
   parser.add_argument("--plugin-dir", default=None,
-                      help=f"CUDA plugin folder (default ${PLUGIN_DIR_ENV} or "
-                           ".gpu-aot/<jaxlib version>/)")
+                      help=f"CUDA plugin folder (default ${PLUGIN_DIR_ENV}, else the "
+                           "environment's plugin if it has one, else .gpu-aot/<jaxlib version>/)")
   parser.add_argument("--wheels", default=None,
                       help="setup: install from this folder of wheels, without an index")
   parser.add_argument("--target-config", default=str(DEFAULT_TARGET_CONFIG),
