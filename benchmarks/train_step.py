@@ -15,8 +15,9 @@ Three sections (``--sections``, default all):
    momentum 0.9, lr 0.05, weight decay 5e-4), τ = 5, cross-entropy. For every
    K ∈ ``--classes`` and batch B ∈ ``--batches`` and every head in ``--heads``:
    ``standard`` (learned classifier, rows renormalised), ``fixed`` (canonical ETF),
-   ``implicit`` (nearest ETF with the library's default ``factorisation="auto"`` — QDWH on
-   GPUs, SVD elsewhere — and the implicit backward; the paper's method) and ``implicit-fo``
+   ``implicit`` (nearest ETF with the library's default ``factorisation="auto"`` — the
+   matmul-only Newton–Schulz solve on GPUs, chosen inside the compiled program — and the
+   implicit backward; the paper's method) and ``implicit-fo``
    (the same with ``forward_only``: no gradient through P, the paper's "without DDN
    gradient" ablation); optional extras ``implicit-svd``, ``implicit-eigh``,
    ``implicit-qdwh``, ``implicit-ns`` (a fixed polar factorisation; ``ns`` = matrix products
@@ -24,9 +25,11 @@ Three sections (``--sections``, default all):
    Riemannian gradient descent). The timed function is the library's compiled,
    state-donating step, :func:`nc_jax.train.compile_train_step`, compiled ahead of
    time (compile time reported, never timed). Each head gets a fresh AGD-initialised
-   state (:func:`nc_jax.optim.agd_init`) and ``--warmup-steps`` (default 2) untimed
-   steps, so the implicit head is past its first step (the one that takes the
-   feasibility solve) and every later step is a normal warm-started one. Then N rounds
+   state (:func:`nc_jax.optim.agd_init`) and takes its first step through the jitted
+   function (for the implicit head a program of its own, the one with the feasibility
+   solve: ``HeadState.initialised`` is static); the steady-state program every later step
+   runs is then compiled ahead of time and takes ``--warmup-steps`` (default 2) untimed
+   steps. Then N rounds
    in which every head of the (K, B) group takes one step in turn (interleaved, the
    first head rotating from round to round, so that drifts of the machine hit all
    heads alike), each step ended by ``jax.block_until_ready`` on the new state:
@@ -253,8 +256,12 @@ def prepare_step(spec: ModelSpec, head_config: heads.HeadConfig, optimizer: str,
   else:
     state = train.replicate(state, mesh)
     x, y = train.global_batch((x, y), mesh)
-  state = jax.block_until_ready(state)
   jitted = train.compile_train_step(mesh, model=model, tx=tx, head_config=head_config)
+  # The implicit head's first step is its own program (static HeadState.initialised): take
+  # it untimed, then compile the program every later step runs. Every head takes it, so all
+  # enter the timed warm-up alike.
+  state, _ = jitted(state, x, y)
+  state = jax.block_until_ready(state)
   return PreparedStep(common.compile_jitted(jitted, state, x, y), state, (x, y))
 
 

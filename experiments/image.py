@@ -610,8 +610,10 @@ def run_one(cfg: config_lib.TrainConfig, method: str, options: RunOptions, data:
                  "options": {k: v for k, v in dataclasses.asdict(options).items()
                              if k not in ("methods", "seeds")},
                  "machine": machine_description(), "versions": _versions(),
-                 # "auto" resolves per backend (qdwh on GPUs): record what ran.
-                 "factorisation_resolved": solver_lib.resolve_factorisation(cfg.factorisation),
+                 # "auto" is chosen per platform inside the compiled program (newton_schulz
+                 # on GPUs): record what runs on this mesh's devices.
+                 "factorisation_resolved": solver_lib.resolve_factorisation(
+                     cfg.factorisation, mesh.devices.flat[0].platform),
                  "command": " ".join([f"python -m experiments.{options.experiment}"] +
                                      sys.argv[1:]) if sys.argv else ""}
   done = folder / "done.json"
