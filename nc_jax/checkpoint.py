@@ -78,8 +78,18 @@ class Checkpointer:
     if step is None:
       raise ValueError(f"directory: no checkpoint to restore in {self.directory}")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _fill_empty(template))
-    out = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), position=ocp.args.JsonRestore()))
+    try:
+      out = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract), position=ocp.args.JsonRestore()))
+    except ValueError as err:
+      if "tree structures do not match" not in str(err):
+        raise
+      raise ValueError(
+          f"{self.directory}: the checkpoint at step {step} does not match the train state "
+          f"given to restore (another head or model, or written by an nc_jax version whose "
+          f"train state differed); nothing was restored. Start the run again (--overwrite) "
+          f"or restore with the code that wrote it. Orbax: "
+          f"{str(err).splitlines()[0]}") from err
     state = jax.tree.map(lambda t, x: t if _is_empty(t) else x, template, out["state"])
     # Static pytree metadata comes from the template; the implicit head's `initialised`
     # flag is derived from the restored arrays instead (heads.sync_initialised).

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from nc_jax import heads, loop, train
+from nc_jax import heads, loop, solver, train
 from nc_jax.checkpoint import Checkpointer
 from nc_jax.data.augment import AugmentSpec
 
@@ -39,9 +39,9 @@ def image_data(n=96, seed=0):
   return jnp.asarray(images), jnp.asarray(labels, jnp.int32)
 
 
-def make_run(kind="implicit", mesh=None, dtype=jnp.float32):
+def make_run(kind="implicit", mesh=None, dtype=jnp.float32, **head_kwargs):
   model = FlatNet(dtype)
-  cfg = heads.HeadConfig(kind, num_classes=K, feature_dim=8)
+  cfg = heads.HeadConfig(kind, num_classes=K, feature_dim=8, **head_kwargs)
   tx = optax.sgd(0.05, momentum=0.9)
   images, labels = image_data()
   state = train.create_train_state(model, tx, cfg, jax.random.PRNGKey(1),
@@ -93,9 +93,42 @@ def test_resume_equals_uninterrupted_bitwise(tmp_path, stop_after, kind):
     template, steps3, data3 = make_run(kind)
     restored, position = ck.restore(template)
   assert position == part.position and int(restored.step) == stop_after
+  # The static first-step flag is re-derived from the restored arrays: the resumed run takes
+  # the steady-state program, not a second feasibility solve.
+  assert restored.head.initialised == (kind == "implicit") and not template.head.initialised
   rest = run(restored, steps3, data3, position=position)
   assert_trees_equal(full.state, rest.state)
   assert full.history[-1]["train"] == rest.history[-1]["train"]
+
+
+def test_restore_refuses_a_checkpoint_of_another_structure(tmp_path):
+  """E.g. one written by an nc_jax whose train state differed (or another head): a clear
+  error naming the folder, never a partial or silently mixed state."""
+  state, steps, data = make_run("standard")
+  with Checkpointer(tmp_path / "ck") as ck:
+    run(state, steps, data, checkpointer=ck, max_steps=1)
+    template, _, _ = make_run("implicit")
+    with pytest.raises(ValueError, match=r"ck: the checkpoint at step 1 does not match the "
+                       r"train state given to restore"):
+      ck.restore(template)
+
+
+@pytest.mark.parametrize("max_steps", [None, 2])
+def test_unconverged_solves_stop_the_run_without_a_checkpoint(tmp_path, monkeypatch, max_steps):
+  """A matmul-only solve whose fixed schedule is too short (simulated: no schedule at all)
+  is counted on device; the host stops at the next read of the metrics — the end of the
+  epoch, or a stop request — before anything is checkpointed."""
+  monkeypatch.setattr(solver, "newton_schulz_bound", lambda delta, k: 1.0)
+  jax.clear_caches()  # no trace of the solver made with the real bound
+  try:
+    state, steps, data = make_run(factorisation="newton_schulz")
+    with Checkpointer(tmp_path / "ck") as ck:
+      with pytest.raises(train.SolveNotConverged, match=r"^\d training step\(s\) .* did not "
+                         r"converge in its fixed Newton–Schulz schedule.*factorisation='svd'"):
+        run(state, steps, data, checkpointer=ck, checkpoint_every=1, max_steps=max_steps)
+      assert ck.latest_step() is None
+  finally:
+    jax.clear_caches()
 
 
 def test_sigterm_checkpoints_and_stops(tmp_path):
