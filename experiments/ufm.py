@@ -134,7 +134,7 @@ def run_one(cfg: UFMConfig, method: str, seed: int, log=print) -> dict:
   import numpy as np
   import optax
 
-  from nc_jax import heads, metrics
+  from nc_jax import heads, metrics, train
 
   k, n, d = cfg.classes, cfg.classes * cfg.samples_per_class, cfg.dim
   kind = "implicit" if method.startswith("implicit") else method
@@ -166,7 +166,7 @@ def run_one(cfg: UFMConfig, method: str, seed: int, log=print) -> dict:
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     params = {**params, "head": heads.renormalise(head_cfg, params["head"])}
-    return params, opt_state, new_head, loss
+    return params, opt_state, new_head, loss, heads.unconverged_solves(new_head)
 
   def evaluate(it, loss):
     h = heads.normalise_features(params["features"], cfg.tau)
@@ -177,10 +177,12 @@ def run_one(cfg: UFMConfig, method: str, seed: int, log=print) -> dict:
     return record, m["cosine_margins"]
 
   history, t0 = [], time.perf_counter()
-  loss = float("nan")
+  loss, unconverged = float("nan"), 0.0
   for it in range(1, cfg.iterations + 1):
-    params, opt_state, head_state, loss = step(params, opt_state, head_state)
+    params, opt_state, head_state, loss, bad = step(params, opt_state, head_state)
+    unconverged = unconverged + bad  # on device; read with the metrics
     if it == 1 or it % cfg.eval_every == 0 or it == cfg.iterations:
+      train.check_solves(unconverged)  # a failed matmul-only solve stops the run here
       record, margins = evaluate(it, loss)
       record["seconds"] = time.perf_counter() - t0
       history.append(record)

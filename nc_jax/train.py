@@ -232,16 +232,10 @@ class SolveNotConverged(FloatingPointError):
   """Training steps whose nearest-ETF solve did not certify convergence (:func:`summarise`)."""
 
 
-def summarise(total: dict) -> dict:
-  """Host-side means of summed metrics: loss and accuracies in %.
-
-  Raises:
-    SolveNotConverged: the summed training metrics count steps whose nearest-ETF solve
-      missed its convergence certificate (``etf_unconverged`` > 0): their classifier is
-      not the nearest ETF, so the run stops here rather than train on it.
-  """
-  total = jax.device_get(total)
-  failed = int(total.get("etf_unconverged", 0))
+def check_solves(unconverged: Any) -> None:
+  """Raises :class:`SolveNotConverged` if the count ``unconverged`` (host or device
+  scalar, e.g. summed ``etf_unconverged`` metrics) is positive (a host read)."""
+  failed = int(jax.device_get(unconverged))
   if failed:
     raise SolveNotConverged(
         f"{failed} training step(s) since the metrics were last read took a nearest-ETF solve "
@@ -249,6 +243,18 @@ def summarise(total: dict) -> dict:
         f"bound δ/16 the schedule is sized for; nc_jax.solver.newton_schulz_bound). The last "
         f"checkpoint is intact. Resume with factorisation='svd' (--factorisation svd), or "
         f"report the case: it is outside what the solver was measured on.")
+
+
+def summarise(total: dict) -> dict:
+  """Host-side means of summed metrics: loss and accuracies in %.
+
+  Raises:
+    SolveNotConverged: the summed training metrics count steps whose nearest-ETF solve
+      missed its convergence certificate (``etf_unconverged`` > 0, :func:`check_solves`):
+      their classifier is not the nearest ETF, so the run stops here rather than train on.
+  """
+  total = jax.device_get(total)
+  check_solves(total.get("etf_unconverged", 0))
   n = float(total["count"])
   return {"loss": float(total["loss_sum"]) / n, "top1": 100.0 * float(total["correct"]) / n,
           "top5": 100.0 * float(total["correct_top5"]) / n, "count": int(n)}
