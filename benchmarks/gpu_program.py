@@ -58,6 +58,8 @@ Programs (``--programs``: comma-separated names or shell-style globs; default al
   (``jax.eval_shape(step, state0, images, labels)[0]``), so a head whose first step is a
   separate program (selected by the state's pytree structure) is measured on the step
   every later iteration runs.
+* ``step-<head>-k<K>-first`` (implicit heads) — the first-step program, compiled for the
+  freshly initialised state (the one step per run that takes the feasibility solve).
 * ``dp2-step-<head>-k<K>`` — the same step data-parallel over a two-GPU topology
   (``get_topology_desc(..., topology="1x1x2")``: one slice, one host, two devices; the
   CUDA plugin's topology string is ``<slices>x<hosts per slice>x<devices per host>``),
@@ -144,6 +146,7 @@ class Program:
   head: str | None = None
   batch: int | None = None
   devices: int = 1
+  first: bool = False  # step: the first-step program (fresh state) instead of the steady one
 
   @property
   def function_name(self) -> str:
@@ -182,6 +185,10 @@ def all_programs(factorisations: Sequence[str] | None = None) -> list[Program]:
     programs += [Program(f"{prefix}step-{head}-k{k}", "step", head=head, k=k, batch=STEP_BATCH,
                          devices=devices)
                  for k in STEP_CLASSES for head in STEP_HEADS]
+  # The implicit head's first step is a program of its own (it runs once per run).
+  programs += [Program(f"step-{head}-k{k}-first", "step", head=head, k=k, batch=STEP_BATCH,
+                       first=True)
+               for k in STEP_CLASSES for head in STEP_HEADS if head.startswith("implicit")]
   return programs
 
 
@@ -902,7 +909,7 @@ def _build_step(program: Program, topo) -> tuple[Callable, tuple, dict[str, Any]
   info = {"head_config": repr(head_config),
           "steady_state_differs_from_init": (jax.tree.structure(steady)
                                              != jax.tree.structure(state0))}
-  return step, (steady, images, labels), info
+  return step, (state0 if program.first else steady, images, labels), info
 
 
 def _child_main(spec_path: str) -> int:
