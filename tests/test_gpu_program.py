@@ -228,15 +228,17 @@ def test_summarise_dump_prefers_the_listing_after_thunk_passes(tmp_path):
 def test_program_names_and_selection():
   programs = gp.all_programs(("svd", "newton_schulz", "auto"))
   names = [p.name for p in programs]
-  assert len(names) == len(set(names)) == 3 * 3 + 2 * 8
+  assert len(names) == len(set(names)) == 3 * 3 + 2 * 8 + 4
   assert "solver-newton_schulz-512x10" in names and "step-implicit-k100" in names
-  assert "dp2-step-implicit-fo-k10" in names
+  assert "dp2-step-implicit-fo-k10" in names and "step-implicit-k10-first" in names
   solver_fns = [p.function_name for p in programs if p.kind == "solver"]
   assert len(set(solver_fns)) == len(solver_fns) and all(f.isidentifier() for f in solver_fns)
   picked = gp.select_programs(programs, "step-implicit-*,solver-*-512x10")
   assert [p.name for p in picked] == [
       "solver-svd-512x10", "solver-newton_schulz-512x10", "solver-auto-512x10",
-      "step-implicit-k10", "step-implicit-fo-k10", "step-implicit-k100", "step-implicit-fo-k100"]
+      "step-implicit-k10", "step-implicit-fo-k10", "step-implicit-k100", "step-implicit-fo-k100",
+      "step-implicit-k10-first", "step-implicit-fo-k10-first", "step-implicit-k100-first",
+      "step-implicit-fo-k100-first"]
   with pytest.raises(ValueError, match=r"programs: \['nope\*'\] match none"):
     gp.select_programs(programs, "step-standard-k10,nope*")
   assert gp.Program.from_json(picked[3].as_json()) == picked[3]
