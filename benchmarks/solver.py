@@ -17,7 +17,11 @@ CIFAR100/ImageNet). Variants:
 * ``polar-svd``, ``polar-eigh``, ``polar-qdwh``: ``nearest_etf(method="polar")``
   with that factorisation; backward = the closed-form Lyapunov VJP (one K×K eigh).
 * ``polar-ns``: ``factorisation="newton_schulz"``, matrix products only in both
-  directions (scaled Newton–Schulz forward, block-sign Lyapunov backward).
+  directions (scaled Newton–Schulz forward, block-sign Lyapunov backward), a fixed
+  schedule: no loop, no conditional.
+* ``polar-auto``: the default ``factorisation="auto"``, chosen inside the compiled
+  program for the platform it runs on (``polar-ns`` on GPUs; on CPU see
+  ``nc_jax.solver.AUTO_FACTORISATION``).
 * ``rgd-warm``: ``nearest_etf(method="rgd")``, Riemannian gradient descent
   warm-started as in training: ``prox`` is the exact solution for a slightly
   different :math:`\bar Y_1` (:math:`\bar Y_0` plus a 1e-3-relative random
@@ -102,10 +106,11 @@ VARIANTS: dict[str, dict[str, str]] = {
     "polar-eigh": {"method": "polar", "factorisation": "eigh"},
     "polar-qdwh": {"method": "polar", "factorisation": "qdwh"},
     "polar-ns": {"method": "polar", "factorisation": "newton_schulz"},
+    "polar-auto": {"method": "polar", "factorisation": "auto"},
     "rgd-warm": {"method": "rgd"},
     DDN: {"method": "polar", "factorisation": "svd"},
 }
-ITERATIVE = ("polar-qdwh", "polar-ns", "rgd-warm")
+ITERATIVE = ("polar-qdwh", "polar-ns", "polar-auto", "rgd-warm")
 
 
 # --------------------------------------------------------------------------- #
