@@ -82,9 +82,10 @@ FACTORISATION_CHOICES = ("auto",) + FACTORISATIONS
 # "auto", per platform of the compiled program (``lax.platform_dependent``, resolved when
 # XLA compiles for the device, never from the host's default backend): on GPUs the
 # matmul-only solve, the only one with no cuSOLVER call, no loop and no host
-# synchronisation (BUILD_NOTES §2b); on CPU the SVD (§5.1). Platforms not listed (TPU:
+# synchronisation (BUILD_NOTES §2b); on CPU the eigh path, 0.9× a plain
+# eigh-of-the-Gram solve and more accurate than the SVD (§2c). Platforms not listed (TPU:
 # not measured) get AUTO_DEFAULT.
-AUTO_FACTORISATION = types.MappingProxyType({"cpu": "svd", "cuda": "newton_schulz",
+AUTO_FACTORISATION = types.MappingProxyType({"cpu": "eigh", "cuda": "newton_schulz",
                                              "rocm": "newton_schulz"})
 AUTO_DEFAULT = "svd"
 DEFAULT_DELTA = 1e-3
@@ -354,32 +355,73 @@ def _polar_svd(b, delta):
   return _direct(mm(u, vt))
 
 
-def _polar_eigh(b, delta):
-  r"""Polar factor from eigh of the Gram matrix, then one Newton correction.
+EIGH_SCHEDULE = ((0.03, 2, 1), (0.1, 3, 2), (0.3, 6, 3), (1.0, 10, 5))
+"""``factorisation="eigh"``: (bound on q, refinement steps, backward Jacobi sweeps), the first
+row whose bound holds (:func:`eigh_schedule`); measured on a scan of sizes, δ and problem
+kinds (BUILD_NOTES §2c)."""
 
-  :math:`P_0 = BV\Sigma^{-1}V^T` from :math:`B^TB = V\Sigma^2V^T` loses accuracy
-  like :math:`\kappa(B)^2\varepsilon` (1e-4 in float32 at K = 10); beyond
-  :math:`\kappa \approx \varepsilon^{-1/2}` (3,000 in float32) the smallest computed
-  eigenvalues are rounding noise, possibly negative, so they are floored at
-  :math:`\varepsilon\lambda_{max}` (finite :math:`P_0`, never NaN). Newton–Schulz
-  steps then restore orthonormality (:func:`nc_jax.stiefel.orthonormalise`:
-  two when κ is moderate, more after flooring); one Newton step for the polar
-  factor (:math:`P \leftarrow P\,\mathrm{cay}(\Omega)`, :math:`S\Omega+\Omega S =
-  2\,\mathrm{skew}(P^TB)`, S = sym(PᵀB)) restores symmetry of PᵀB, i.e. optimality.
+
+def eigh_schedule(delta: float, num_classes: int, dtype) -> tuple[int, int] | None:
+  r"""Static ``(steps, sweeps)`` of ``factorisation="eigh"``, or None: the SVD instead.
+
+  :math:`q = \varepsilon c^2/\delta^2` (:math:`c = 2/\sqrt{K-1}`) bounds the correlation
+  between two columns of :math:`W = B\hat V` when several singular values of B sit near δ
+  (σ_max(B) ≲ c, σ_min(B) ≈ δ): the refinement converges at about that rate per step, so it
+  needs more steps as q grows and is not trusted beyond q = 1 (float32: δ < 2.3e-4 at
+  K = 10, < 6.9e-5 at K = 100), where the problem goes to the SVD.
   """
-  del delta
-  k = b.shape[-1]
-  eye = jnp.eye(k, dtype=b.dtype)
-  lam, vecs = jnp.linalg.eigh(mtm(b, b))
-  sig = jnp.sqrt(jnp.maximum(lam, jnp.finfo(b.dtype).eps * lam[-1]))
-  p = mm(b, mm(vecs / sig, vecs.T))
-  p, _ = stiefel.orthonormalise(p)
-  h = mtm(p, b)
-  sig, vecs = jnp.linalg.eigh(sym(h))
-  c = mtm(vecs, mm(2.0 * skew(h), vecs))
-  omega = mm(vecs, mm(c / (sig[:, None] + sig[None, :]), vecs.T))
-  cayley = jnp.linalg.solve(eye - 0.5 * omega, eye + 0.5 * omega)
-  return _direct(mm(p, cayley))
+  q = float(jnp.finfo(dtype).eps) * (4.0 / (num_classes - 1)) / (delta * delta)
+  for bound, steps, sweeps in EIGH_SCHEDULE:
+    if q <= bound:
+      return steps, sweeps
+  return None
+
+
+def _polar_eigh(b, delta):
+  r"""Polar factor from one eigh of BᵀB — its eigenvectors only — and a graded refinement.
+
+  :math:`B^TB = \hat V\Lambda\hat V^T`. Λ carries the κ(B)² rounding error and is not
+  used. :math:`W = B\hat V` has nearly orthogonal columns :math:`\approx\sigma_iu_i`, and
+  :math:`X = W^TW`, formed from W, is accurate relative to :math:`n_in_j` (:math:`n_i =
+  \|w_i\|`, which equals :math:`\sigma_i` to ~κε, not κ²ε). Exactly,
+  :math:`\mathrm{polar}(B) = WX^{-1/2}\hat V^T`; :math:`Y \approx X^{-1/2}` comes from
+  chord steps :math:`Y \leftarrow Y + \mathrm{sym}((I - YXY)_{ij}/(n_i+n_j))` started at
+  :math:`Y = N^{-1}`, each kept (``jnp.where``, no branch) only if it lowers
+  :math:`\max|I - YXY|`. The first step orthogonalises a small column against the large
+  ones with weights :math:`n_i/(n_i+n_j)`; a Newton–Schulz step would apply Löwdin's ½ and
+  leave an O(κε) error in the singular subspaces. Backward residuals for
+  :func:`polar_vjp_eigh`: (V̂, Z = sym(XY) ≈ V̂ᵀSV̂, T = YV̂ᵀ, n). Where
+  :func:`eigh_schedule` says the refinement cannot be trusted, the SVD.
+  """
+  k, dtype = b.shape[-1], b.dtype
+  schedule = eigh_schedule(delta, k, dtype)
+  if schedule is None:
+    return _polar_svd(b, delta)
+  steps, _ = schedule
+  eps = jnp.finfo(dtype).eps
+  eye = jnp.eye(k, dtype=dtype)
+  _, vecs = jnp.linalg.eigh(mtm(b, b))
+  w = mm(b, vecs)
+  x = mtm(w, w)
+  idx = jnp.arange(k)
+  n2 = x[idx, idx]                         # (jnp.diagonal lowers to a conditional)
+  n = jnp.sqrt(jnp.maximum(n2, (eps * eps) * jnp.max(n2)))
+  denom = n[:, None] + n[None, :]
+  y = eye / n
+  xy = x / n[None, :]
+  resid = eye - x / (n[:, None] * n[None, :])
+  res = jnp.max(jnp.abs(resid))
+  for _ in range(steps):
+    y_new = y + sym(resid / denom)
+    xy_new = mm(x, y_new)
+    resid_new = eye - sym(mm(y_new, xy_new))
+    res_new = jnp.max(jnp.abs(resid_new))
+    keep = res_new < res
+    y, xy, resid, res = (jnp.where(keep, a, c) for a, c in
+                         ((y_new, y), (xy_new, xy), (resid_new, resid), (res_new, res)))
+  t = mm(y, vecs.T)
+  return _Polar(mm(w, t), jnp.asarray(steps, jnp.int32), jnp.zeros((), dtype),
+                (vecs, sym(xy), t, n))
 
 
 def _polar_qdwh(b, delta):
@@ -513,13 +555,42 @@ def polar_vjp(p: jax.Array, b: jax.Array, g: jax.Array) -> jax.Array:
   Shapes: ``p``, ``b``, ``g``: ``(d, K)``. Returns ``(d, K)``.
   """
   sig, vecs = jnp.linalg.eigh(sym(mtm(p, b)))
+  # κ(B) ≳ 1/eps: the smallest computed eigenvalue can be ≤ 0 (NaN gradients before the floor).
+  sig = jnp.maximum(sig, jnp.finfo(sig.dtype).eps * sig[-1])
   a = mtm(p, g)                                    # K×K, PᵀḠ
-  a_eig = mtm(vecs, mm(a, vecs))                   # Vᵀ A V
+  av = mm(a, vecs)                                 # A V
+  a_eig = mtm(vecs, av)                            # Vᵀ A V
   denom = sig[:, None] + sig[None, :]
   omega = (a_eig - a_eig.T) / denom                # skew, 1/(σᵢ+σⱼ) only
-  s_inv = mm(vecs / sig, vecs.T)                   # S⁻¹
-  tangent = mm(vecs, mm(omega, vecs.T)) - mm(a, s_inv)
-  return mm(p, tangent) + mm(g, s_inv)
+  t = vecs.T / sig[:, None]                        # Σ⁻¹Vᵀ: S⁻¹ = V·t, applied factored
+  tangent = mm(vecs, mm(omega, vecs.T)) - mm(av, t)
+  return mm(p, tangent) + mm(mm(g, vecs), t)
+
+
+def polar_vjp_eigh(p: jax.Array, g: jax.Array, vecs: jax.Array, z: jax.Array, t: jax.Array,
+                   n: jax.Array, sweeps: int) -> jax.Array:
+  r""":func:`polar_vjp` from the residuals of ``factorisation="eigh"`` (no second eigh).
+
+  With :math:`S = \hat VZ\hat V^T` and :math:`S^{-1} = \hat VT` from the forward, the
+  Lyapunov equation becomes :math:`Z\tilde\Omega + \tilde\Omega Z = \hat V^T(A -
+  A^T)\hat V`, solved by ``sweeps`` Jacobi sweeps on :math:`Z = \mathrm{diag}(n) + F`
+  (F = 0 in exact arithmetic, so the VJP is exact at the optimum), each clipped far above
+  any legitimate value so that it stays finite; :math:`S^{-1}` is applied factored.
+
+  Shapes: ``p``, ``g``: ``(d, K)``; ``vecs``, ``z``, ``t``: ``(K, K)``; ``n``: ``(K,)``.
+  """
+  a = mtm(p, g)
+  av = mm(a, vecs)
+  a_eig = mtm(vecs, av)
+  rhs = a_eig - a_eig.T
+  denom = n[:, None] + n[None, :]
+  bound = jnp.linalg.norm(rhs) / (2.0 * jnp.finfo(p.dtype).eps * jnp.max(n))
+  omega = rhs / denom
+  f = z - jnp.eye(n.shape[0], dtype=n.dtype) * n
+  for _ in range(sweeps):
+    omega = jnp.clip((rhs - mm(f, omega) - mm(omega, f)) / denom, -bound, bound)
+  tangent = mm(vecs, mm(omega, vecs.T)) - mm(av, t)
+  return mm(p, tangent) + mm(mm(g, vecs), t)
 
 
 def polar_vjp_newton_schulz(p: jax.Array, b: jax.Array, g: jax.Array, lower: float, *,
@@ -560,7 +631,19 @@ def polar_vjp_newton_schulz(p: jax.Array, b: jax.Array, g: jax.Array, lower: flo
     omega = skew(newton_schulz.lyapunov(s, a - a.T, lower, scale=scale).solution)
     s_inv = sym(inverse_root)
   s_inv = sym(mm(s_inv, two_eye - mm(s, s_inv)))
-  return mm(p, omega - mm(a, s_inv)) + mm(g, s_inv)
+  # S⁻¹ = S⁻¹M + (S⁻¹1)1ᵀ/K. Its 1/δ eigenvalue lies (nearly) along 1 = the kernel of M, so
+  # R = S⁻¹M has moderate entries and one Newton correction R + S⁻¹(M − SR) makes it
+  # accurate; the rank-one rest carries the rounding of the 1/δ part, but only along 1ᵀ,
+  # which the centring of ∂L/∂Ȳ = c·(∂L/∂B)·M removes (a dense S⁻¹ spread it everywhere: 6×
+  # the float32 gradient error).
+  r = centre_columns(s_inv)
+  r = r + mm(s_inv, centre_columns(jnp.eye(k, dtype=p.dtype)) - mm(s, r))
+  ones_part = jnp.mean(s_inv, axis=1, keepdims=True)  # S⁻¹1/K, the rank-one rest: (·)1ᵀ
+
+  def apply_s_inv(x):
+    return mm(x, r) + mm(x, ones_part)
+
+  return mm(p, omega - apply_s_inv(a)) + apply_s_inv(g)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -581,6 +664,9 @@ def _solve_bwd(config, residuals, cotangents):
     inverse_root, scale = backward
     grad_b = polar_vjp_newton_schulz(p, b, g, newton_schulz_bound(config.delta, k),
                                      inverse_root=inverse_root, scale=scale)
+  elif backward:  # factorisation="eigh" where its schedule applies
+    grad_b = polar_vjp_eigh(p, g, *backward,
+                            sweeps=eigh_schedule(config.delta, k, p.dtype)[1])
   else:
     grad_b = polar_vjp(p, b, g)
   grad_y = c * centre_columns(grad_b)

@@ -87,42 +87,6 @@ def newton_schulz_step(x: jax.Array) -> jax.Array:
   return mm(x, 1.5 * jnp.eye(k, dtype=x.dtype) - 0.5 * mtm(x, x))
 
 
-MAX_ORTHONORMALISE_STEPS = 100
-"""Cap of :func:`orthonormalise`: 1.5^100 ≈ 4e17 > 1/eps(float64), so any singular value
-above rounding converges within it."""
-
-
-def orthonormalise(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  r"""Classical Newton–Schulz steps :math:`X(3I - X^TX)/2` to orthonormal columns.
-
-  Steps while :math:`\max|X^TX - I| > \sqrt\varepsilon`, then one more, in a
-  ``lax.while_loop`` (a loop with a data-dependent trip count: on a GPU one host
-  synchronisation per step, so only CPU paths use it). Converges to
-  :math:`\mathrm{polar}(X)` for singular values in :math:`(0, \sqrt3)`, quickly when X
-  is close to orthonormal (a factor computed from an inaccurate factorisation).
-
-  Args:
-    x: ``(d, K)``, ``d >= K``, full column rank, :math:`\|X\|_2 < \sqrt3`.
-
-  Returns:
-    ``(X, steps)``: orthonormal columns and the int32 number of steps.
-  """
-  k = x.shape[-1]
-  threshold = float(jnp.finfo(x.dtype).eps) ** 0.5
-  eye = jnp.eye(k, dtype=x.dtype)
-
-  def cond(carry):
-    x, n = carry
-    return (jnp.max(jnp.abs(mtm(x, x) - eye)) > threshold) & (n < MAX_ORTHONORMALISE_STEPS)
-
-  def body(carry):
-    x, n = carry
-    return newton_schulz_step(x), n + 1
-
-  x, n = jax.lax.while_loop(cond, body, (x, jnp.zeros((), jnp.int32)))
-  return newton_schulz_step(x), n + 1
-
-
 def polar_retraction(x: jax.Array, v: jax.Array) -> jax.Array:
   r"""Polar retraction :math:`R_X(V) = (X+V)\,((X+V)^T(X+V))^{-1/2}`, via a thin SVD."""
   u, _, vt = jnp.linalg.svd(x + v, full_matrices=False)

@@ -134,13 +134,6 @@ def test_polar_vmap_equals_loop():
       np.testing.assert_allclose(b[i], a, atol=1e-15, rtol=0)
 
 
-def test_stiefel_orthonormalise_converges_to_the_polar_factor():
-  b, want = matrix_with_spectrum(12, 4, 3.0, seed=4)
-  x, steps = stiefel.orthonormalise(1.2 * b)
-  np.testing.assert_allclose(x, want, atol=1e-14, rtol=0)
-  assert 3 <= int(steps) <= 12
-
-
 def test_shape_errors():
   with pytest.raises(ValueError, match=r"^b: expected a \(d, K\) matrix with d >= K, got shape \(3, 5\)"):
     newton_schulz.polar(jnp.ones((3, 5)), 0.1)
@@ -261,10 +254,26 @@ def test_float32_forward_and_backward_accuracy(d, k, delta):
                                                           factorisation=f)))(y32)
     errors[f] = (float(jnp.abs(p - want_p).max()),
                  float(jnp.linalg.norm(g - want_g) / jnp.linalg.norm(want_g)))
-  kappa = 1.0 / (delta * math.sqrt(k - 1))  # ~σ_max/σ_min of B at unit-norm means
-  assert errors["newton_schulz"][0] <= max(2 * errors["svd"][0], 4 * kappa * EPS32)
-  # Backward: within ~2x of the eigh-based VJP (BUILD_NOTES §2b; 3-4x without the S⁻¹ refinement).
-  assert errors["newton_schulz"][1] <= max(2.5 * errors["svd"][1], 2e-6)
+  # At least the SVD path's accuracy, both directions (BUILD_NOTES §2b: the capped schedule in
+  # correction form forward; S⁻¹ applied as S⁻¹M + (S⁻¹1)1ᵀ/K backward).
+  assert errors["newton_schulz"][0] <= errors["svd"][0]
+  assert errors["newton_schulz"][1] <= errors["svd"][1]
+
+
+def test_float32_gradient_along_p_ones():
+  """A cotangent with a component along P·1 (the ETF head never produces one) meets S⁻¹'s
+  1/δ eigenvalue: within 2x of the SVD path's error there (measured 4.3e-5 vs 7.3e-5)."""
+  d, k, delta = 512, 10, 1e-3
+  y, prox, _ = problem(d, k, seed=8)
+  cot = jnp.zeros((d, k)).at[:, :3].set(1.0)
+  want = jax.grad(lambda a: jnp.vdot(cot, nc.nearest_etf(a, prox, delta=delta)))(y)
+  y32, prox32, cot32 = (a.astype(jnp.float32) for a in (y, prox, cot))
+  err = {}
+  for f in ("svd", "newton_schulz"):
+    g = jax.grad(lambda a: jnp.vdot(cot32, nc.nearest_etf(a, prox32, delta=delta,
+                                                          factorisation=f)))(y32)
+    err[f] = float(jnp.linalg.norm(g - want) / jnp.linalg.norm(want))
+  assert err["newton_schulz"] <= 2 * err["svd"]
 
 
 def test_unnormalised_means_are_refused_or_reported():
@@ -360,5 +369,6 @@ def test_default_is_auto_everywhere():
   assert heads.HeadConfig("implicit", 10, 16).factorisation == "auto"
   assert config.TrainConfig().factorisation == "auto"
   y, prox, _ = problem(32, 6, dtype=jnp.float32, seed=11)
-  np.testing.assert_array_equal(nc.nearest_etf(y, prox), nc.nearest_etf(y, prox,
-                                                                        factorisation="svd"))
+  np.testing.assert_array_equal(
+      nc.nearest_etf(y, prox),
+      nc.nearest_etf(y, prox, factorisation=solver.AUTO_FACTORISATION["cpu"]))
