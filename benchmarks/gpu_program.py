@@ -912,6 +912,25 @@ def _build_step(program: Program, topo) -> tuple[Callable, tuple, dict[str, Any]
   return step, (state0 if program.first else steady, images, labels), info
 
 
+def _answer_gpu_info_from_target(device_kind: str) -> None:
+  """Makes Pallas-Triton's lowering see the compile target's GPU when none is attached.
+
+  From jax 0.11, ``pallas_call``'s Triton lowering asks ``gpu_info.get_gpu_info()`` for the
+  compute capability, which looks at an attached (or abstract-mesh) device and fails on a
+  CPU-only machine ("No supported GPU devices found"); jax 0.10 did not ask. An abstract mesh
+  would answer it but clashes with the steps' own meshes, so this child process (and only it:
+  the library never does this) answers from the topology's device kind. No-op where the
+  module or the kind is unknown.
+  """
+  try:
+    from jax._src.pallas.triton import gpu_info  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return
+  version = getattr(gpu_info, "gpu_version_from_device_kind", lambda _: None)(device_kind)
+  if version is not None:
+    gpu_info.get_gpu_info = lambda: gpu_info.get_gpu_info_from_version(version)
+
+
 def _child_main(spec_path: str) -> int:
   """Compiles the programs of a spec file; appends one JSON line per event to its events file."""
   # Run as a script: drop this file's folder from the path (its module names would shadow
@@ -956,6 +975,7 @@ def _child_main(spec_path: str) -> int:
   except Exception as e:  # pylint: disable=broad-except
     auto = f"? ({e})"
   device_kind = topology(1).devices[0].device_kind
+  _answer_gpu_info_from_target(device_kind)
   emit(event="hello", environment={
       "jax": jax.__version__, "jaxlib": versions["jaxlib"],
       "cuda_plugin": versions["jax-cuda12-plugin"],

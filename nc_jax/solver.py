@@ -72,7 +72,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from nc_jax import _validation as v
-from nc_jax import newton_schulz, stiefel
+from nc_jax import newton_schulz, pallas_newton_schulz, stiefel
 from nc_jax._linalg import centre_columns, mm, mtm, skew, sym
 from nc_jax.geometry import frobenius_normalise
 
@@ -452,8 +452,29 @@ def newton_schulz_bound(delta: float, num_classes: int) -> float:
   return min(1.0, delta / (BOUND_MARGIN * (c + delta * math.sqrt(num_classes))))
 
 
+PALLAS_MAX_CLASSES = 16
+"""Largest K whose matmul-only solve runs as fused Pallas (Triton) kernels on NVIDIA GPUs
+(:mod:`nc_jax.pallas_newton_schulz`: the whole forward, and the whole backward, one kernel
+each, on one SM). Beyond it, and for other dtypes, XLA's GEMMs, which use the whole GPU.
+Unmeasured on a GPU: 16 is where the per-step work of one block is still small (§2d)."""
+
+
+def _pallas_fits(b: jax.Array) -> bool:
+  """Static: the Pallas kernels take this (d, K) float32 problem."""
+  d, k = b.shape
+  return (b.dtype == jnp.float32 and k <= PALLAS_MAX_CLASSES
+          and pallas_newton_schulz.padded_side(d) * pallas_newton_schulz.padded_side(k)
+          <= pallas_newton_schulz.MAX_BLOCK)
+
+
 def _polar_newton_schulz(b, delta):
-  out = newton_schulz.polar(b, newton_schulz_bound(delta, b.shape[-1]))
+  lower = newton_schulz_bound(delta, b.shape[-1])
+  xla = lambda b: newton_schulz.polar(b, lower)
+  if _pallas_fits(b):  # same algorithm, fused, on NVIDIA GPUs; XLA elsewhere
+    out = lax.platform_dependent(b, cuda=lambda b: pallas_newton_schulz.polar(b, lower),
+                                 default=xla)
+  else:
+    out = xla(b)
   return _Polar(out.factor, out.steps, out.residual, (out.inverse_root, out.scale))
 
 
@@ -661,9 +682,15 @@ def _solve_bwd(config, residuals, cotangents):
   k = p.shape[-1]
   c = 2.0 / jnp.sqrt(jnp.asarray(k - 1.0, p.dtype))
   if config.matmul_only:
-    inverse_root, scale = backward
-    grad_b = polar_vjp_newton_schulz(p, b, g, newton_schulz_bound(config.delta, k),
-                                     inverse_root=inverse_root, scale=scale)
+    lower = newton_schulz_bound(config.delta, k)
+    xla = lambda p, b, g, q, s: polar_vjp_newton_schulz(p, b, g, lower, inverse_root=q,
+                                                        scale=s)
+    if _pallas_fits(b):
+      fused = lambda p, b, g, q, s: pallas_newton_schulz.polar_vjp(
+          p, b, g, lower, inverse_root=q, scale=s)[0]
+      grad_b = lax.platform_dependent(p, b, g, *backward, cuda=fused, default=xla)
+    else:
+      grad_b = xla(p, b, g, *backward)
   elif backward:  # factorisation="eigh" where its schedule applies
     grad_b = polar_vjp_eigh(p, g, *backward,
                             sweeps=eigh_schedule(config.delta, k, p.dtype)[1])

@@ -163,7 +163,7 @@ def test_fashion_mnist_resnet_run_folder(tmp_path, capsys):
   assert config["method"] == "implicit" and config["seed"] == 2
   assert config["versions"]["jax"] and config["machine"]
   assert config["train_config"]["factorisation"] == "auto"
-  assert config["factorisation_resolved"] == "svd"          # "auto" on CPU
+  assert config["factorisation_resolved"] == "eigh"         # "auto" on CPU
   recs = records(folder)
   assert recs[-1]["step"] == 4 and recs[-1]["elapsed"] >= recs[0]["elapsed"]
   # The ETF classifier is exactly an ETF, so its NC2 is ~0.
