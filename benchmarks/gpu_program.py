@@ -91,7 +91,6 @@ import collections
 import dataclasses
 import datetime
 import fnmatch
-import glob
 import json
 import os
 import platform

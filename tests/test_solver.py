@@ -205,11 +205,17 @@ def test_feasibility_gradient_is_that_of_the_proximal_problem():
 # --------------------------------------------------------------------------- #
 
 
+# Every gradient test runs every polar factorisation (each has its own backward: eigh-based,
+# the eigh path's residuals, or matmul-only) and RGD.
+SOLVERS = [("polar", f) for f in solver.FACTORISATIONS] + [("rgd", "auto")]
+
+
 @pytest.mark.parametrize("d,k", [(10, 5), (64, 10), pytest.param(512, 100, marks=pytest.mark.slow)])
-@pytest.mark.parametrize("method", ["polar", "rgd"])
-def test_vjp_matches_central_finite_differences(d, k, method):
+@pytest.mark.parametrize("method,factorisation", SOLVERS)
+def test_vjp_matches_central_finite_differences(d, k, method, factorisation):
   y, prox, cot = problem(d, k, seed=10)
-  f = lambda a: jnp.vdot(cot, nc.nearest_etf(a, prox, method=method))
+  f = lambda a: jnp.vdot(cot, nc.nearest_etf(a, prox, method=method,
+                                            factorisation=factorisation))
   grad = jax.grad(f)(y)
   rng = np.random.default_rng(1)
   for _ in range(3):
@@ -239,7 +245,8 @@ def test_vjp_through_normalisation_helper():
                             (means,), order=1, modes=["rev"], atol=1e-7, rtol=1e-6, eps=1e-6)
 
 
-def test_vjp_matches_jaxopt_implicit_differentiation():
+@pytest.mark.parametrize("factorisation", solver.FACTORISATIONS)
+def test_vjp_matches_jaxopt_implicit_differentiation(factorisation):
   """Independent route: jaxopt differentiates the KKT system (P, Λ) of the official cost."""
   d, k = 16, 5
   y, prox, cot = problem(d, k, seed=13)
@@ -262,14 +269,15 @@ def test_vjp_matches_jaxopt_implicit_differentiation():
     return p, 0.5 * (p.T @ gp + gp.T @ p)
 
   want = jax.grad(lambda a: jnp.vdot(cot, solve(None, a)[0]))(y)
-  got = jax.grad(lambda a: jnp.vdot(cot, nc.nearest_etf(a, prox)))(y)
+  got = jax.grad(lambda a: jnp.vdot(cot, nc.nearest_etf(a, prox, factorisation=factorisation)))(y)
   np.testing.assert_allclose(got, want, rtol=0, atol=1e-10 * float(jnp.linalg.norm(want)))
 
 
+@pytest.mark.parametrize("factorisation", solver.FACTORISATIONS)
 @pytest.mark.parametrize("d,k", [(10, 5), (64, 10), (128, 20)])
-def test_vjp_matches_official_dense_ddn(d, k):
+def test_vjp_matches_official_dense_ddn(d, k, factorisation):
   y, prox, cot = problem(d, k, seed=14)
-  p, vjp = jax.vjp(lambda a: nc.nearest_etf(a, prox), y)
+  p, vjp = jax.vjp(lambda a: nc.nearest_etf(a, prox, factorisation=factorisation), y)
   ours = vjp(cot)[0]
   ddn = reference_ddn.dense_ddn_vjp(y, prox, p, cot, DELTA,
                                     reference_ddn.constraint_constant(k, jnp.float64))
@@ -289,15 +297,16 @@ def naive_polar(y, prox):
   return u @ vt
 
 
+@pytest.mark.parametrize("factorisation", solver.FACTORISATIONS)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
-def test_gradient_finite_at_exact_etf_where_svd_autodiff_is_not(dtype):
+def test_gradient_finite_at_exact_etf_where_svd_autodiff_is_not(dtype, factorisation):
   d, k = 32, 8
   y, prox = collapsed_problem(d, k, dtype)
   sv = np.linalg.svd(np.asarray(solver._procrustes_target(y, prox, DELTA), np.float64),
                      compute_uv=False)
   assert np.ptp(sv[:k - 1]) < 1e-6  # the K−1 top singular values coincide
   cot = jax.random.normal(jax.random.PRNGKey(16), (d, k), dtype)
-  ours = jax.grad(lambda a: jnp.vdot(cot, nc.nearest_etf(a, prox)))(y)
+  ours = jax.grad(lambda a: jnp.vdot(cot, nc.nearest_etf(a, prox, factorisation=factorisation)))(y)
   assert np.all(np.isfinite(ours))
   # Reference: the float64 gradient of the (smooth) polar map by central differences.
   y64, prox64, cot64 = (a.astype(jnp.float64) for a in (y, prox, cot))
