@@ -447,6 +447,11 @@ def newton_schulz_bound(delta: float, num_classes: int) -> float:
   (:data:`BOUND_MARGIN`) covers :math:`\sigma_{min}(B) \ge \delta/16` with a further
   factor 4 to spare, at three steps more than a bound at δ itself; anything below shows in
   the solve's residual (:class:`SolverInfo`), which the training step counts.
+
+  Accuracy (float32, BUILD_NOTES §2b): at least the SVD path's at δ ≥ 1e-4 for every K
+  measured; at δ = 1e-5 with K ≈ 10 (κ(B) ≈ 2.5e4) the gradient is ~100× less accurate than
+  the SVD path's (the polynomial iteration cannot isolate S's 1/δ direction as an
+  eigendecomposition does): pass ``factorisation="svd"`` there.
   """
   c = 2.0 / math.sqrt(num_classes - 1)
   return min(1.0, delta / (BOUND_MARGIN * (c + delta * math.sqrt(num_classes))))
