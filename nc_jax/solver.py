@@ -21,10 +21,11 @@ an orthogonal Procrustes problem whose unique minimiser (rank B = K, generic for
 Two solvers compute it:
 
 * ``method="polar"``: the closed form, by a choice of factorisation
-  (``"svd"``; ``"eigh"``: eigendecomposition of the K×K Gram matrix plus one
-  Newton refinement; ``"qdwh"``: the QR-based dynamically weighted Halley iteration;
-  ``"newton_schulz"``: scaled Newton–Schulz, matrix products only, forward and
-  backward — :mod:`nc_jax.newton_schulz`).
+  (``"svd"``; ``"eigh"``: the eigenvectors of the K×K Gram matrix plus a graded
+  refinement, the CPU default; ``"qdwh"``: the QR-based dynamically weighted Halley
+  iteration; ``"newton_schulz"``: scaled Newton–Schulz with a fixed schedule, matrix
+  products only, forward and backward — :mod:`nc_jax.newton_schulz`, fused Pallas kernels
+  on NVIDIA GPUs at small K — the GPU default; ``"auto"`` chooses per compile platform).
 * ``method="rgd"``: Riemannian gradient descent on :math:`St(d,K)` with the
   sign-fixed QR retraction, warm-started at :math:`P_{prev}`, Barzilai–Borwein
   trial steps and Armijo backtracking (monotone decrease), stopped on the
@@ -197,11 +198,12 @@ def nearest_etf(
     delta: proximal weight δ > 0 (paper: 1e-3).
     method: ``"polar"`` (exact closed form) or ``"rgd"`` (Riemannian gradient
       descent from ``prox``).
-    factorisation: for ``method="polar"``: ``"svd"``, ``"eigh"``, ``"qdwh"``,
-      ``"newton_schulz"`` (matrix products only, forward and backward: no
-      cuSOLVER/LAPACK call; see :func:`newton_schulz_bound`) or ``"auto"``
-      (:func:`resolve_factorisation`: ``"qdwh"`` on GPUs, ``"svd"`` elsewhere). All agree
-      to float32 rounding; they differ in speed.
+    factorisation: for ``method="polar"``: ``"svd"``, ``"eigh"`` (:func:`eigh_schedule`),
+      ``"qdwh"``, ``"newton_schulz"`` (matrix products only, forward and backward, a fixed
+      schedule: no cuSOLVER/LAPACK call, no loop; see :func:`newton_schulz_bound`) or
+      ``"auto"`` (:data:`AUTO_FACTORISATION`, chosen inside the compiled program for the
+      platform it is compiled for: ``"newton_schulz"`` on GPUs, ``"eigh"`` on CPU). All
+      agree to float32 rounding; they differ in speed.
     tol: RGD stop on the Riemannian gradient norm, relative to
       :math:`\|B\|_F`; default ``4·eps`` of the dtype (the gradient's rounding
       floor is ~1–2 eps; float32 at K = 10 needs ``tol=eps`` for 1e-5 agreement
@@ -214,8 +216,10 @@ def nearest_etf(
 
   Raises:
     ValueError: bad shapes, K < 2, d < K, non-finite input, ``prox`` not
-      orthonormal, unknown ``method``/``factorisation``, δ ≤ 0. Value checks
-      run on concrete inputs; under a caller's ``jit`` only shapes are checked.
+      orthonormal, unknown ``method``/``factorisation``, δ ≤ 0; on concrete inputs, a
+      matmul-only solve whose fixed schedule did not converge (means far from unit norm).
+      Value checks run on concrete inputs; under a caller's ``jit`` only shapes are
+      checked, and ``return_info=True`` gives ``info.converged``.
   """
   means = v.check_means_matrix("means", means, "(d, K) of normalised class means")
   d, k = means.shape
