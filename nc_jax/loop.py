@@ -197,7 +197,7 @@ def fit(state: train.TrainState, train_data: DeviceData | StreamingLoader, *,
           here = {"epoch": epoch, "batch": b + 1}
           if b + 1 == num_batches:
             here = {"epoch": epoch + 1, "batch": 0}
-          train.summarise(total)  # never checkpoint a state that failed its checks
+          train.check_solves(total["etf_unconverged"])  # never checkpoint a failed solve
           if checkpointer is not None:
             checkpointer.save(int(state.step), state, here)
             checkpointer.wait()
