@@ -7,6 +7,7 @@ JAX (and the LAPACK it loads) is imported, so it lives here and uses ``os`` only
 from __future__ import annotations
 
 import os
+import platform
 
 # Thread-count variables read by the BLAS/LAPACK libraries that JAX's CPU
 # backend may call into (OpenBLAS, OpenMP builds, MKL).
@@ -32,3 +33,15 @@ def set_thread_defaults(blas_threads: int = 1) -> dict[str, str]:
   for name in BLAS_THREAD_VARIABLES:
     os.environ.setdefault(name, str(int(blas_threads)))
   return {name: os.environ[name] for name in BLAS_THREAD_VARIABLES}
+
+
+def cpu_model() -> str:
+  """The host CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()

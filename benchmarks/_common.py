@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 
-from benchmarks import BLAS_THREAD_VARIABLES
+from benchmarks import BLAS_THREAD_VARIABLES, cpu_model
 
 MIB = 2.0**20
 GIB = 2.0**30
@@ -31,17 +31,6 @@ GIB = 2.0**30
 # --------------------------------------------------------------------------- #
 # Environment
 # --------------------------------------------------------------------------- #
-
-
-def _cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
 
 
 def host_memory_bytes() -> tuple[int | None, int | None]:
@@ -104,7 +93,7 @@ def environment() -> dict[str, Any]:
       "device_kind": device.device_kind,
       "device_count": jax.device_count(),
       "device_memory_limit_bytes": (stats or {}).get("bytes_limit"),
-      "cpu_model": _cpu_model(),
+      "cpu_model": cpu_model(),
       "cpu_count": os.cpu_count(),
       "host_memory_total_bytes": total,
       "host_memory_available_bytes": available,

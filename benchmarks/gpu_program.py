@@ -1064,20 +1064,10 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]],
   return "\n".join(lines)
 
 
-def _cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
-
-
 def host_environment(command: str) -> dict[str, Any]:
+  from benchmarks import cpu_model  # pylint: disable=import-outside-toplevel  (parent only)
   return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-          "host": f"{_cpu_model()}, {os.cpu_count()} cores", "command": command}
+          "host": f"{cpu_model()}, {os.cpu_count()} cores", "command": command}
 
 
 def report(results: Sequence[ProgramResult], environment: dict[str, Any],

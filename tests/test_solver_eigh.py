@@ -14,17 +14,9 @@ import pytest
 
 import nc_jax as nc
 from nc_jax import solver, stiefel
+from tests.test_solver import problem
 
 DELTA = 1e-3
-
-
-def problem(d, k, dtype=jnp.float64, seed=0):
-  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
-  y = jax.random.normal(k1, (d, k), dtype)
-  y = y / jnp.linalg.norm(y)
-  prox = stiefel.random_point(k2, d, k, dtype)
-  cot = jax.random.normal(k3, (d, k), dtype)
-  return y, prox, cot
 
 
 def training_problem(d, k, delta, seed, rank=None):
