@@ -593,7 +593,8 @@ def _nc_record(result: dict, prefix: str) -> dict:
 
 def run_one(cfg: config_lib.TrainConfig, method: str, options: RunOptions, data: Data, mesh,
             cache: dict) -> str:
-  """Trains one (method, seed); returns ``"done"``, ``"skipped"`` or ``"stopped"``."""
+  """Trains one (method, seed); returns ``"done"``, ``"skipped"``, ``"stopped"``
+  (``--max-steps``) or ``"interrupted"`` (SIGINT/SIGTERM)."""
   import jax
   import numpy as np
 
@@ -674,6 +675,8 @@ def run_one(cfg: config_lib.TrainConfig, method: str, options: RunOptions, data:
   checkpointer = Checkpointer(ckpt_dir, keep=options.keep)
   if has_ckpt:
     state, position = checkpointer.restore(state)
+    print(f"{title}: resuming at epoch {position['epoch'] + 1}, batch {position['batch']} "
+          f"(step {int(state.step)})", flush=True)  # also with --quiet: say what resumed
     if position["epoch"] > cfg.epochs:
       checkpointer.close()
       raise ValueError(f"{folder}: the checkpoint is at epoch {position['epoch']}, past "
@@ -748,9 +751,10 @@ def run_one(cfg: config_lib.TrainConfig, method: str, options: RunOptions, data:
     if writer is not None:
       writer.close()
   if result.stopped:
-    print(f"{title}: stopped at epoch {result.position['epoch']} batch "
+    why = "--max-steps" if result.stop_reason == "max_steps" else result.stop_reason
+    print(f"{title}: stopped ({why}) at epoch {result.position['epoch']} batch "
           f"{result.position['batch']} (checkpointed); continue with --resume", flush=True)
-    return "stopped"
+    return "stopped" if result.stop_reason == "max_steps" else "interrupted"
   if not writes:
     return "done"
   if last_margins:
@@ -825,7 +829,7 @@ def main(experiment: str, argv: Sequence[str] | None = None) -> dict[tuple[str, 
     for seed in options.seeds:
       outcome = run_one(config_for(base, method, seed), method, options, data, mesh, cache)
       outcomes[(method, seed)] = outcome
-      if outcome == "stopped":
+      if outcome in ("stopped", "interrupted"):
         return outcomes
   print(f"runs: {pathlib.Path(options.out) / experiment}; aggregate with "
         f"python -m experiments.report {pathlib.Path(options.out) / experiment}", flush=True)
@@ -835,10 +839,11 @@ def main(experiment: str, argv: Sequence[str] | None = None) -> dict[tuple[str, 
 def cli(experiment: str) -> None:
   """Entry point of ``python -m experiments.<experiment>``: errors as messages, not tracebacks."""
   from nc_jax.data.sources import DataNotFoundError
+  from nc_jax.train import TrainingFault
   try:
     outcomes = main(experiment, sys.argv[1:])
-  except (DataNotFoundError, ValueError) as err:
+  except (DataNotFoundError, ValueError, TrainingFault) as err:
     print(f"error: {err}", file=sys.stderr)
     raise SystemExit(2) from None
-  if "stopped" in outcomes.values():
+  if "interrupted" in outcomes.values():  # a signal; --max-steps is a requested stop: 0
     raise SystemExit(130)

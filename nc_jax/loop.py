@@ -51,7 +51,9 @@ class FitResult:
   state: train.TrainState
   history: list[dict]
   stopped: bool          # True if a stop request or max_steps ended the run early
-  position: dict         # where the run would continue: {"epoch", "batch"}
+  position: dict         # where the run would continue: {"epoch", "batch"} (mid-epoch: and
+                         # "sums", the epoch's running metric sums)
+  stop_reason: str | None = None  # "max_steps", or the signal's name ("SIGTERM", "SIGINT")
 
 
 def _data_step(state, images, labels, idx, *, spec, **static):
@@ -141,6 +143,23 @@ def _place(idx_row, mesh):
   return train.global_batch(local, mesh)
 
 
+def _save_sums(total: dict) -> dict:
+  """The epoch's running metric sums as JSON numbers (float32 values: ``repr`` of the float is
+  exact, so restoring gives the same bits); ``first_*`` keys are not sums (and are +inf on a
+  state that passed its checks)."""
+  host = jax.device_get(total)
+  return {k: float(v) for k, v in host.items() if not k.startswith("first_")}
+
+
+def _restore_sums(sums: dict | None, mesh) -> dict | None:
+  """Saved running sums as the device accumulator (replicated like the step's metrics)."""
+  if not sums:
+    return None
+  out = {k: np.float32(v) for k, v in sums.items()}
+  out["first_fault_step"] = np.float32(np.inf)
+  return jax.device_put(out, None if mesh is None else train.replicated(mesh))
+
+
 def fit(state: train.TrainState, train_data: DeviceData | StreamingLoader, *,
         steps: tuple[Callable, Callable], epochs: int, batch_size: int, num_classes: int,
         stratified: bool = False, eval_data: DeviceData | StreamingLoader | None = None, eval_every: int = 1, mesh=None,
@@ -184,7 +203,10 @@ def fit(state: train.TrainState, train_data: DeviceData | StreamingLoader, *,
       start = position["batch"] if epoch == position["epoch"] else 0
       rows, num_batches = _batches(train_data, state, epoch, start, batch_size, stratified,
                                    num_classes, mesh, train_mode=True)
-      total, t0 = None, time.perf_counter()
+      # A run stopped mid-epoch saved the epoch's running sums with its position: the
+      # epoch's record is then bitwise the uninterrupted one's.
+      total = _restore_sums(position.get("sums"), mesh) if start else None
+      t0 = time.perf_counter()
       for b, args in rows:
         state, metrics = train_fn(state, *args)
         total = train.add_metrics(total, metrics)
@@ -197,12 +219,16 @@ def fit(state: train.TrainState, train_data: DeviceData | StreamingLoader, *,
           here = {"epoch": epoch, "batch": b + 1}
           if b + 1 == num_batches:
             here = {"epoch": epoch + 1, "batch": 0}
-          train.check_solves(total["etf_unconverged"])  # never checkpoint a failed solve
+          # Never checkpoint a faulty state; keep the epoch's running sums with the position.
+          train.check_step_metrics(total, f"epoch {epoch + 1}")
+          if here["batch"]:
+            here["sums"] = _save_sums(total)
           if checkpointer is not None:
             checkpointer.save(int(state.step), state, here)
             checkpointer.wait()
-          return FitResult(state, history, True, here)
-      record = {"epoch": epoch + 1, "train": train.summarise(total),
+          return FitResult(state, history, True, here,
+                           stop.signal_name if stop.requested else "max_steps")
+      record = {"epoch": epoch + 1, "train": train.summarise(total, f"epoch {epoch + 1}"),
                 "seconds": time.perf_counter() - t0}
       last = epoch + 1 == epochs
       if eval_data is not None and ((epoch + 1) % eval_every == 0 or last):

@@ -139,10 +139,28 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, *, model
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
                             opt_state=opt_state, head=head_state)
   metrics = _step_metrics(jax.lax.stop_gradient(per_sample), logits, labels)
-  # Solves whose fixed schedule did not certify convergence, counted on device and checked
-  # where the host reads the metrics (summarise): never a synchronisation inside the step.
-  metrics["etf_unconverged"] = heads.unconverged_solves(head_state)
+  metrics.update(_fault_metrics(state.step + 1, metrics["loss_sum"], params, labels,
+                                head_config, head_state))
   return new_state, metrics
+
+
+def _fault_metrics(step, loss_sum, params, labels, head_config, head_state) -> dict:
+  """Counts of what must stop a run, computed on device and read by the host only where it
+  already reads the metrics (:func:`check_step_metrics`): never a synchronisation inside the
+  step. Out-of-range training labels are dropped by the class sums and the loss mask alike,
+  so without this count a run would train on silently; a non-finite loss or parameter would
+  be checkpointed and rotate the good checkpoints out."""
+  f32 = jnp.float32
+  finite = jnp.isfinite(loss_sum)
+  for leaf in jax.tree.leaves(params):
+    finite = finite & jnp.all(jnp.isfinite(leaf))
+  bad_labels = jnp.sum((labels < 0) | (labels >= head_config.num_classes)).astype(f32)
+  unconverged = heads.unconverged_solves(head_state)
+  faulty = (~finite) | (bad_labels > 0) | (unconverged > 0)
+  return {"nonfinite": (~finite).astype(f32), "bad_labels": bad_labels,
+          "etf_unconverged": unconverged,
+          # Combined by minimum in add_metrics: the first faulty global step (1-based).
+          "first_fault_step": jnp.where(faulty, step.astype(f32), jnp.inf).astype(f32)}
 
 
 def eval_step(state: TrainState, images: jax.Array, labels: jax.Array, *, model: nn.Module,
@@ -224,37 +242,75 @@ def global_batch(local: Any, mesh: Mesh) -> Any:
 
 
 def add_metrics(total: dict | None, new: dict) -> dict:
-  """Sums metric dicts on device (no host synchronisation)."""
-  return new if total is None else jax.tree.map(jnp.add, total, new)
+  """Sums metric dicts on device (no host synchronisation); ``first_*`` keys take the minimum."""
+  if total is None:
+    return new
+  return {k: (jnp.minimum if k.startswith("first_") else jnp.add)(total[k], new[k]) for k in new}
 
 
-class SolveNotConverged(FloatingPointError):
-  """Training steps whose nearest-ETF solve did not certify convergence (:func:`summarise`)."""
+class TrainingFault(RuntimeError):
+  """A check of the summed step metrics failed (:func:`check_step_metrics`); the run stops
+  before anything after the last checkpoint is saved."""
 
 
-def check_solves(unconverged: Any) -> None:
+class Diverged(TrainingFault, FloatingPointError):
+  """Non-finite loss or parameters."""
+
+
+class BadLabels(TrainingFault, ValueError):
+  """Training labels outside [0, K)."""
+
+
+class SolveNotConverged(TrainingFault, FloatingPointError):
+  """Nearest-ETF solves that did not certify convergence."""
+
+
+def check_step_metrics(total: dict, where: str = "") -> None:
+  """Raises a :class:`TrainingFault` if the summed training metrics ``total`` count a fault.
+
+  One host read of what the step counted on device (:func:`train_step`): out-of-range labels
+  (:class:`BadLabels`), a non-finite loss or parameter (:class:`Diverged`), a nearest-ETF
+  solve that missed its convergence certificate (:class:`SolveNotConverged`); the message
+  names the first faulty global step and ``where`` (e.g. the epoch). Evaluation metrics (no
+  such keys) pass.
+  """
+  total = jax.device_get(total)
+  first = float(total.get("first_fault_step", np.inf))
+  at = (f" (first at global step {int(first)}" + (f", {where}" if where else "") + ")"
+        if np.isfinite(first) else (f" ({where})" if where else ""))
+  kept = ("; nothing after the last checkpoint was saved, and it is intact")
+  if int(total.get("bad_labels", 0)):
+    raise BadLabels(
+        f"labels: {int(total['bad_labels'])} training label(s) outside [0, K){at}: expected "
+        f"class indices 0..K-1; check the data and num_classes{kept}")
+  if int(total.get("nonfinite", 0)):
+    raise Diverged(
+        f"training diverged: {int(total['nonfinite'])} step(s) with a non-finite loss or "
+        f"parameters{at}; lower the learning rate or check the data{kept}")
+  check_solves(total.get("etf_unconverged", 0), at + kept)
+
+
+def check_solves(unconverged: Any, detail: str = "") -> None:
   """Raises :class:`SolveNotConverged` if the count ``unconverged`` (host or device
   scalar, e.g. summed ``etf_unconverged`` metrics) is positive (a host read)."""
   failed = int(jax.device_get(unconverged))
   if failed:
     raise SolveNotConverged(
-        f"{failed} training step(s) since the metrics were last read took a nearest-ETF solve "
-        f"that did not converge in its fixed Newton–Schulz schedule (σ_min(B) fell below the "
-        f"bound δ/16 the schedule is sized for; nc_jax.solver.newton_schulz_bound). The last "
-        f"checkpoint is intact. Resume with factorisation='svd' (--factorisation svd), or "
-        f"report the case: it is outside what the solver was measured on.")
+        f"{failed} training step(s) took a nearest-ETF solve that did not converge in its "
+        f"fixed Newton–Schulz schedule (σ_min(B) fell below the bound δ/16 the schedule is "
+        f"sized for; nc_jax.solver.newton_schulz_bound); resume with factorisation='svd' "
+        f"(--factorisation svd), or report the case: it is outside what the solver was "
+        f"measured on{detail}")
 
 
-def summarise(total: dict) -> dict:
+def summarise(total: dict, where: str = "") -> dict:
   """Host-side means of summed metrics: loss and accuracies in %.
 
   Raises:
-    SolveNotConverged: the summed training metrics count steps whose nearest-ETF solve
-      missed its convergence certificate (``etf_unconverged`` > 0, :func:`check_solves`):
-      their classifier is not the nearest ETF, so the run stops here rather than train on.
+    TrainingFault: the summed training metrics count a fault (:func:`check_step_metrics`).
   """
   total = jax.device_get(total)
-  check_solves(total.get("etf_unconverged", 0))
+  check_step_metrics(total, where)
   n = float(total["count"])
   return {"loss": float(total["loss_sum"]) / n, "top1": 100.0 * float(total["correct"]) / n,
           "top5": 100.0 * float(total["correct_top5"]) / n, "count": int(n)}

@@ -99,6 +99,27 @@ def test_bad_flags_fail_clearly(capsys, argv, expected):
   assert re.search(expected, capsys.readouterr().err)
 
 
+def test_cli_max_steps_is_a_success_and_a_signal_is_not(tmp_path, monkeypatch):
+  """--max-steps is a requested stop: exit 0 (was 130, like Ctrl-C); SIGTERM: 130."""
+  argv = SMOKE + ["--model", "mlp", "--method", "implicit", "--no-plot", "--out", str(tmp_path)]
+  monkeypatch.setattr(sys, "argv", ["cifar10"] + argv + ["--max-steps", "1"])
+  assert image.cli("cifar10") is None
+  import os  # noqa: PLC0415
+  import signal  # noqa: PLC0415
+  from nc_jax import loop  # noqa: PLC0415
+  real_fit = loop.fit
+
+  def fit_then_sigterm(*a, **kw):
+    kw["on_step"] = lambda epoch, batch: os.kill(os.getpid(), signal.SIGTERM)
+    return real_fit(*a, **kw)
+
+  monkeypatch.setattr(loop, "fit", fit_then_sigterm)
+  monkeypatch.setattr(sys, "argv", ["cifar10"] + argv + ["--resume"])
+  with pytest.raises(SystemExit) as err:
+    image.cli("cifar10")
+  assert err.value.code == 130
+
+
 def test_cli_reports_missing_data_without_traceback(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "experiments.fashion_mnist", "--source", "idx", "--data-path",
@@ -268,10 +289,10 @@ def test_resume_equals_uninterrupted(tmp_path, capsys):
   full = records(tmp_path / "full" / "cifar10" / "implicit" / "seed-1")
   resumed = records(folder)
   assert [r["epoch"] for r in resumed] == [1, 2, 3]
-  # Epoch 2's training means cover only the steps after the restart; everything at the
-  # end of the run (weights, evaluation, NC metrics) is the uninterrupted run's, bitwise.
-  assert without_timings(resumed[0]) == without_timings(full[0])
-  assert without_timings(resumed[2]) == without_timings(full[2])
+  # Every record is the uninterrupted run's, bitwise — epoch 2's training means too (the
+  # epoch's running sums were checkpointed with the position).
+  assert [without_timings(r) for r in resumed] == [without_timings(r) for r in full]
+  assert "resuming at epoch 2, batch 1 (step 3)" in capsys.readouterr().out
   np.testing.assert_array_equal(np.load(folder / "margins.npy"),
                                 np.load(tmp_path / "full" / "cifar10" / "implicit" / "seed-1"
                                         / "margins.npy"))

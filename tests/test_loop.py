@@ -98,7 +98,11 @@ def test_resume_equals_uninterrupted_bitwise(tmp_path, stop_after, kind):
   assert restored.head.initialised == (kind == "implicit") and not template.head.initialised
   rest = run(restored, steps3, data3, position=position)
   assert_trees_equal(full.state, rest.state)
-  assert full.history[-1]["train"] == rest.history[-1]["train"]
+  # Every epoch's record, the interrupted one included (its running sums were checkpointed).
+  assert [r["train"] for r in full.history[-len(rest.history):]] == [r["train"] for r in
+                                                                      rest.history]
+  assert [r["eval"] for r in full.history[-len(rest.history):]] == [r["eval"] for r in
+                                                                    rest.history]
 
 
 def test_restore_refuses_a_checkpoint_of_another_structure(tmp_path):
@@ -131,6 +135,42 @@ def test_unconverged_solves_stop_the_run_without_a_checkpoint(tmp_path, monkeypa
     jax.clear_caches()
 
 
+def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+  """A non-finite parameter (here injected after epoch 1; a too-large learning rate does the
+  same) is counted on device; the host stops at the end of the epoch, naming it and the first
+  faulty step, and saves nothing: the epoch-1 checkpoint stays the newest."""
+  state, steps, data = make_run()
+  with Checkpointer(tmp_path / "ck", keep=1) as ck:
+    first = run(state, steps, data, epochs=1, checkpointer=ck)
+    assert ck.all_steps() == [3]
+    params = first.state.params
+    kernel = params["backbone"]["Dense_0"]["kernel"]
+    bad = first.state.replace(params={**params, "backbone": {**params["backbone"], "Dense_0": {
+        "kernel": kernel.at[0, 0].set(jnp.nan)}}})
+    with pytest.raises(train.Diverged, match=r"^training diverged: 3 step\(s\) with a "
+                       r"non-finite loss or parameters \(first at global step 4, epoch 2\);.*"
+                       r"nothing after the last checkpoint was saved"):
+      run(bad, steps, data, epochs=3, checkpointer=ck, position=first.position)
+    assert ck.all_steps() == [3]
+    restored, position = ck.restore(make_run()[0])
+  assert position["epoch"] == 1 and np.isfinite(np.asarray(
+      restored.params["backbone"]["Dense_0"]["kernel"])).all()
+
+
+def test_out_of_range_labels_stop_the_run(tmp_path):
+  """Labels outside [0, K) would be dropped by the class sums and the loss mask and training
+  would go on; they are counted on device and stop the run when the epoch is read."""
+  state, steps, data = make_run()
+  labels = data.labels.at[5].set(K)
+  with Checkpointer(tmp_path / "ck") as ck:
+    with pytest.raises(train.BadLabels, match=r"^labels: 1 training label\(s\) outside "
+                       r"\[0, K\) \(first at global step \d, epoch 1\)"):
+      # (Stratified plans check labels on the host already; a plain shuffle does not look.)
+      loop.fit(state, loop.DeviceData(data.images, labels, SPEC_TRAIN), steps=steps, epochs=2,
+               batch_size=32, num_classes=K, stratified=False, checkpointer=ck)
+    assert ck.latest_step() is None
+
+
 def test_sigterm_checkpoints_and_stops(tmp_path):
   state, steps, data = make_run()
 
@@ -140,7 +180,8 @@ def test_sigterm_checkpoints_and_stops(tmp_path):
 
   with Checkpointer(tmp_path / "ck") as ck:
     out = run(state, steps, data, checkpointer=ck, on_step=kill_at_second_step)
-    assert out.stopped and out.position == {"epoch": 0, "batch": 2}
+    assert out.stopped and (out.position["epoch"], out.position["batch"]) == (0, 2)
+    assert out.position["sums"]["count"] == 64.0  # the epoch's running sums, for resume
     assert ck.latest_step() == 2
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler restored
 
@@ -182,8 +223,9 @@ def test_streaming_fit_resumes_bitwise(tmp_path):
                     checkpointer=ck, max_steps=4)
     template, steps3, loader3, evaluation3 = streaming_run()
     restored, position = ck.restore(template)
-  assert part.stopped and position == {"epoch": 1, "batch": 1}
+  assert part.stopped and (position["epoch"], position["batch"]) == (1, 1)
   rest = loop.fit(restored, loader3, steps=steps3, epochs=2, batch_size=32, num_classes=K,
                   eval_data=evaluation3, position=position)
   assert_trees_equal(full.state, rest.state)
   assert full.history[-1]["eval"] == rest.history[-1]["eval"]
+  assert full.history[-1]["train"] == rest.history[-1]["train"]   # the resumed epoch's record
