@@ -47,6 +47,24 @@ SVD of ``H``, ``eigh`` of :math:`\Sigma_T`, the K×K Gram matrices) runs on the
 host in float64 numpy (:func:`finalise_metrics`). :func:`nc_metrics` is the
 one-batch case of :func:`nc_metrics_streaming`: both run the same code.
 
+Host functions. :func:`nc_metrics`, :func:`nc_metrics_streaming`,
+:func:`finalise_class_stats`, :func:`make_second_pass_context`,
+:func:`finalise_metrics` and :func:`sorted_cosine_margins` read concrete values on
+the host, so they cannot run under ``jax.jit``, ``vmap`` or ``grad``; given a
+tracer they raise a ``ValueError`` that says so (call them outside the
+transformation, or accumulate with the jit-able :func:`update_class_stats` /
+:func:`update_second_pass` inside it and finalise on the host).
+
+Degenerate inputs. A metric that is undefined for the data is ``nan`` and a
+:class:`DegenerateMetricsWarning` names it and says why: class means that
+coincide up to rounding (:math:`H = 0`, e.g. identical features for every
+sample: NC1, NC3, the H-equinorm, NCC and the H-ETF distances divide by
+:math:`H`), samples that all coincide (also VCI and the cosine margins),
+``W = 0`` or a class whose centred classifier row is zero (the W metrics,
+resp. the cosine margins), ``d < K`` (ETF distances) or overflow of the
+accumulation dtype. Finite inputs whose squares would overflow the accumulation
+dtype are refused with a ``ValueError`` before any work.
+
 Pseudo-inverses use scipy's default cutoff: singular values
 :math:`\le d\cdot\varepsilon_{64}\cdot\sigma_{\max}` are dropped
 (:math:`\varepsilon_{64}` the float64 epsilon, as the final algebra runs in
@@ -60,6 +78,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
@@ -73,6 +92,14 @@ from nc_jax import geometry
 from nc_jax._linalg import mm, mtm
 
 _EPS64 = float(np.finfo(np.float64).eps)
+
+#: Class means (or samples) closer than this many ``eps`` of the accumulation dtype,
+#: relative to the largest mean entry, are taken as coinciding (rounding of the sums).
+_COINCIDE_EPS = 32.0
+
+
+class DegenerateMetricsWarning(UserWarning):
+  """Some metrics are ``nan`` because they are undefined for the data (message: which, why)."""
 
 #: Scalar keys of the dict returned by :func:`nc_metrics` (besides ``cosine_margins``).
 METRIC_KEYS = (
@@ -169,14 +196,21 @@ def finalise_class_stats(stats: ClassStats) -> ClassMeans:
   """Class means and global mean from the pass-1 state, on the host in float64.
 
   Raises:
-    ValueError: if no samples were seen, or some class has no samples (its mean,
-      hence :math:`\\Sigma_B` and every metric built on ``H``, is undefined).
+    ValueError: if no samples were seen, some class has no samples (its mean,
+      hence :math:`\\Sigma_B` and every metric built on ``H``, is undefined), the
+      sums are not finite (overflow), or ``stats`` is a tracer (a host function).
   """
+  _require_concrete("finalise_class_stats", "stats", stats)
   sums = np.asarray(stats.sums, dtype=np.float64)
   counts = np.asarray(stats.counts).astype(np.int64)
   n = int(counts.sum())
   if n == 0:
     raise ValueError("features: expected at least one sample, got 0")
+  if not np.all(np.isfinite(sums)):
+    raise ValueError(
+        f"stats: expected finite class sums, got {int(np.sum(~np.isfinite(sums)))} non-finite "
+        f"entries: the features overflowed {np.dtype(stats.sums.dtype).name} accumulation; "
+        "rescale them (e.g. normalise) or accumulate in float64")
   missing = np.flatnonzero(counts == 0)
   if missing.size:
     shown = ", ".join(str(int(c)) for c in missing[:10]) + (", ..." if missing.size > 10 else "")
@@ -244,8 +278,13 @@ def make_second_pass_context(class_means: ClassMeans, W: jax.Array, b: jax.Array
     dtype: compute dtype of pass 2; default ``W``'s floating dtype.
 
   Raises:
-    ValueError: if ``W`` or ``b`` has the wrong shape or non-finite values.
+    ValueError: if ``W`` or ``b`` has the wrong shape or non-finite values, or an
+      argument is a tracer (a host function; build the context outside ``jit``
+      and pass it in).
   """
+  _require_concrete("make_second_pass_context", "class_means", class_means)
+  _require_concrete("make_second_pass_context", "W", W)
+  _require_concrete("make_second_pass_context", "b", b)
   k, d = class_means.means.shape
   w, bias = _check_classifier(W, b, k, d)
   dtype = jax.dtypes.canonicalize_dtype(w.dtype if dtype is None else dtype)
@@ -371,6 +410,94 @@ def _equinorm(norms: np.ndarray) -> float:
   return float(np.std(norms, ddof=1) / mean) if mean > 0 else float("nan")
 
 
+_H_KEYS = ("nc1", "nc2_equinorm_h", "wh_equinorm", "nc3", "ncc_mismatch", "h_etf_dist",
+           "wh_etf_dist")
+_W_KEYS = ("nc2_etf", "nc2_equinorm_w", "wh_equinorm", "nc3", "w_etf_dist", "wh_etf_dist")
+_ETF_KEYS = ("w_etf_dist", "h_etf_dist", "wh_etf_dist")
+
+
+def _degeneracies(class_means: ClassMeans, h_mat: np.ndarray, sigma_w: np.ndarray,
+                  w: np.ndarray, margin_sum: float, acc_dtype: Any) -> dict[str, str]:
+  """Metric key → why it is undefined for these inputs (empty for well-posed data).
+
+  Why: the formulas divide by ``H`` (its singular values, norms or the norm of
+  ``WH``), by ``W`` or by the centred sample and classifier norms; when those
+  are zero, or only rounding noise of the float sums, the result is ``nan`` (or
+  worse, a finite number made of rounding noise), so these keys are set to
+  ``nan`` and reported. ``h_mat``: ``(d, K)``; ``sigma_w``: ``(d, d)``; ``w``:
+  ``(K, d)`` float64; ``acc_dtype``: the dtype of the device sums.
+  """
+  k, d = class_means.means.shape
+  why: dict[str, str] = {}
+
+  def mark(keys, reason):
+    for key in keys:
+      why.setdefault(key, reason)
+
+  eps = float(np.finfo(np.dtype(acc_dtype)).eps) if np.issubdtype(
+      np.dtype(acc_dtype), np.floating) else _EPS64
+  scale = max(float(np.max(np.abs(class_means.means))),
+              float(np.max(np.abs(class_means.global_mean))))
+  tol = _COINCIDE_EPS * eps * scale
+  h_max = float(np.max(np.abs(h_mat)))
+  scatter_ok = bool(np.all(np.isfinite(sigma_w)))
+  spread = math.sqrt(max(float(np.max(np.diag(sigma_w))), 0.0)) if scatter_ok else math.inf
+  if not scatter_ok:
+    mark(("nc1", "vci"), f"the within-class scatter overflowed {np.dtype(acc_dtype).name} "
+         "(features too large for the accumulation dtype)")
+  if not h_max > tol:
+    if not spread > tol:
+      mark(("vci", "avg_cosine_margin", "cosine_margins"),
+           f"all samples coincide up to rounding (class means and within-class RMS spread "
+           f"<= {tol:.3g}, e.g. identical features for every sample): there is no spread to "
+           "measure")
+    mark(_H_KEYS, f"the class means coincide up to rounding (max |mu_c - mu_G| = {h_max:.3g} "
+         f"<= {tol:.3g}, e.g. identical features for every sample): H = 0, so Sigma_B = 0 and "
+         "the H-normalised metrics divide by zero")
+  if not np.any(w):
+    mark(_W_KEYS, "W = 0: the W-normalised metrics divide by zero")
+  wt = w - w.mean(axis=0, keepdims=True)
+  w_tol = 16.0 * _EPS64 * math.sqrt(d) * float(np.max(np.abs(w)))
+  zero_rows = np.flatnonzero(np.linalg.norm(wt, axis=1) <= w_tol)
+  if zero_rows.size:
+    shown = ", ".join(str(int(c)) for c in zero_rows[:10])
+    shown += ", ..." if zero_rows.size > 10 else ""
+    mark(("avg_cosine_margin", "cosine_margins"),
+         f"the centred classifier row w_k - mean_j w_j is zero for class(es) [{shown}] "
+         "(e.g. W = 0 or equal rows): their cosines are undefined")
+    if zero_rows.size == k:
+      mark(("wh_etf_dist",), "the centred W is zero: its nearest ETF is not unique")
+  if d < k:
+    mark(_ETF_KEYS, f"the ETF distances need d >= K, got d={d} < K={k}")
+  if not math.isfinite(margin_sum):
+    mark(("avg_cosine_margin",), f"the cosine-margin sum overflowed {np.dtype(acc_dtype).name}")
+  return why
+
+
+def _warn_nan(out: dict[str, Any], why: dict[str, str], stacklevel: int) -> None:
+  """Sets the keys of ``why`` to ``nan`` in ``out``, adds a reason for any other non-finite
+  metric, and warns once, naming the metrics grouped by reason."""
+  for key in why:
+    if key == "cosine_margins":
+      if "cosine_margins" in out:
+        out[key] = np.full_like(out[key], np.nan)
+    else:
+      out[key] = float("nan")
+  for key in METRIC_KEYS:
+    if key not in why and not math.isfinite(out[key]):
+      why[key] = "a non-finite intermediate result (unexpected for finite inputs; please report)"
+  if "cosine_margins" not in out:
+    why.pop("cosine_margins", None)
+  if not why:
+    return
+  groups: dict[str, list[str]] = {}
+  for key, reason in why.items():
+    groups.setdefault(reason, []).append(key)
+  parts = [f"{', '.join(keys)}: {reason}" for reason, keys in groups.items()]
+  warnings.warn("NC metrics undefined for these inputs, set to nan: " + "; ".join(parts),
+                DegenerateMetricsWarning, stacklevel=stacklevel + 1)
+
+
 def finalise_metrics(class_means: ClassMeans, stats: SecondPassStats, W: jax.Array,
                      b: jax.Array | None = None,
                      margins: Iterable[jax.Array] | np.ndarray | None = None) -> dict[str, Any]:
@@ -386,8 +513,23 @@ def finalise_metrics(class_means: ClassMeans, stats: SecondPassStats, W: jax.Arr
 
   Returns:
     Dict with the python floats of :data:`METRIC_KEYS` and, if ``margins`` is
-    given, ``"cosine_margins"``: an ``(N,)`` float64 numpy array.
+    given, ``"cosine_margins"``: an ``(N,)`` float64 numpy array. Metrics
+    undefined for the inputs are ``nan``, with a :class:`DegenerateMetricsWarning`
+    naming them and the reason (module docstring, "Degenerate inputs").
+
+  Raises:
+    ValueError: bad ``W``/``b``, an empty second pass, or an argument that is a
+      tracer (a host function: call it outside ``jit``).
   """
+  return _finalise(class_means, stats, W, b, margins, stacklevel=3)
+
+
+def _finalise(class_means: ClassMeans, stats: SecondPassStats, W: Any, b: Any, margins: Any,
+              stacklevel: int) -> dict[str, Any]:
+  """:func:`finalise_metrics`; ``stacklevel`` makes the warning point at the user's call."""
+  for name, value in (("class_means", class_means), ("stats", stats), ("W", W), ("b", b),
+                      ("margins", margins)):
+    _require_concrete("finalise_metrics", name, value)
   k, d = class_means.means.shape
   w, bias = _check_classifier(W, b, k, d)
   w = np.asarray(w, dtype=np.float64)
@@ -400,35 +542,43 @@ def finalise_metrics(class_means: ClassMeans, stats: SecondPassStats, W: jax.Arr
 
   sigma_w = np.asarray(stats.within_scatter, dtype=np.float64) / n
   sigma_w = 0.5 * (sigma_w + sigma_w.T)
+  margin_sum = float(stats.margin_sum)
+  why = _degeneracies(class_means, h_mat, sigma_w, w, margin_sum, stats.within_scatter.dtype)
+  nan = float("nan")
 
-  # NC1 = tr(Sigma_W Sigma_B^+)/K = sum_j u_j^T Sigma_W u_j / s_j^2 over kept s_j
-  # (Sigma_B = H H^T/K has eigenvalues s_j^2/K; cutoff d*eps*max, as scipy.linalg.pinv).
-  u, s, _ = np.linalg.svd(h_mat, full_matrices=False)
-  keep = _pinv_keep(s**2, d)
-  u_r, s_r = u[:, keep], s[keep]
-  nc1 = float(np.sum(np.einsum("ij,ij->j", sigma_w @ u_r, u_r) / s_r**2))
+  nc1 = vci = nan
+  if "nc1" not in why:
+    # NC1 = tr(Sigma_W Sigma_B^+)/K = sum_j u_j^T Sigma_W u_j / s_j^2 over kept s_j
+    # (Sigma_B = H H^T/K has eigenvalues s_j^2/K; cutoff d*eps*max, as scipy.linalg.pinv).
+    u, s, _ = np.linalg.svd(h_mat, full_matrices=False)
+    keep = _pinv_keep(s**2, d)
+    u_r, s_r = u[:, keep], s[keep]
+    nc1 = float(np.sum(np.einsum("ij,ij->j", sigma_w @ u_r, u_r) / s_r**2))
 
-  # VCI = 1 - tr(Sigma_T^+ Sigma_B)/min(d, K-1), symmetric pseudo-inverse via eigh.
-  sigma_t = sigma_w + (h_mat @ h_mat.T) / k
-  lam, vecs = np.linalg.eigh(sigma_t)
-  keep_t = _pinv_keep(lam, d)
-  proj = vecs[:, keep_t].T @ h_mat  # (r, K)
-  tr_tb = float(np.sum(np.sum(proj**2, axis=1) / lam[keep_t]) / k)
-  vci = 1.0 - tr_tb / min(d, k - 1)
+  if "vci" not in why:
+    # VCI = 1 - tr(Sigma_T^+ Sigma_B)/min(d, K-1), symmetric pseudo-inverse via eigh.
+    sigma_t = sigma_w + (h_mat @ h_mat.T) / k
+    lam, vecs = np.linalg.eigh(sigma_t)
+    keep_t = _pinv_keep(lam, d)
+    proj = vecs[:, keep_t].T @ h_mat  # (r, K)
+    tr_tb = float(np.sum(np.sum(proj**2, axis=1) / lam[keep_t]) / k)
+    vci = 1.0 - tr_tb / min(d, k - 1)
 
   w_norms = np.linalg.norm(w, axis=1)
   h_norms = np.linalg.norm(h_mat, axis=0)
   eq_w, eq_h = _equinorm(w_norms), _equinorm(h_norms)
 
+  w_dist = h_dist = wh_dist = nan
+  e_w = e_h = None
   if d >= k:
-    etf_w = geometry.nearest_etf_closed_form(w.T)
-    etf_h = geometry.nearest_etf_closed_form(h_mat)
-    e_w = np.asarray(etf_w.etf, dtype=np.float64)
-    e_h = np.asarray(etf_h.etf, dtype=np.float64)
-    w_dist, h_dist = float(etf_w.distance), float(etf_h.distance)
-    wh_dist = float(np.sum((e_w - e_h) ** 2))
-  else:
-    w_dist = h_dist = wh_dist = float("nan")
+    if "w_etf_dist" not in why:
+      etf_w = geometry.nearest_etf_closed_form(w.T)
+      e_w, w_dist = np.asarray(etf_w.etf, dtype=np.float64), float(etf_w.distance)
+    if "h_etf_dist" not in why:
+      etf_h = geometry.nearest_etf_closed_form(h_mat)
+      e_h, h_dist = np.asarray(etf_h.etf, dtype=np.float64), float(etf_h.distance)
+    if e_w is not None and e_h is not None:
+      wh_dist = float(np.sum((e_w - e_h) ** 2))
 
   out: dict[str, Any] = {
       "top1": 100.0 * int(stats.top1) / n,
@@ -442,17 +592,20 @@ def finalise_metrics(class_means: ClassMeans, stats: SecondPassStats, W: jax.Arr
       "nc3": _gap_to_unit_etf(w @ h_mat),
       "ncc_mismatch": 100.0 - 100.0 * int(stats.ncc_agree) / n,
       "bias_collapse": float(np.linalg.norm(w @ mu_g + bias)),
-      "avg_cosine_margin": float(stats.margin_sum) / n,
+      "avg_cosine_margin": margin_sum / n,
       "w_etf_dist": w_dist,
       "h_etf_dist": h_dist,
       "wh_etf_dist": wh_dist,
   }
+  if "nc3" not in why and math.isnan(out["nc3"]):
+    why["nc3"] = "W H = 0 (the classifier rows are orthogonal to the centred class means)"
   if margins is not None:
     if isinstance(margins, (np.ndarray, jax.Array)):
       out["cosine_margins"] = np.asarray(margins, dtype=np.float64).reshape(-1)
     else:
       parts = [np.asarray(m, dtype=np.float64).reshape(-1) for m in margins]
       out["cosine_margins"] = np.concatenate(parts) if parts else np.zeros((0,))
+  _warn_nan(out, why, stacklevel)
   return out
 
 
@@ -465,6 +618,7 @@ def sorted_cosine_margins(margins: Any) -> np.ndarray:
   Returns:
     ``(N,)`` float64 numpy array, ascending; plot it against ``arange(N)``.
   """
+  _require_concrete("sorted_cosine_margins", "margins", margins)
   arr = np.asarray(margins)
   if arr.ndim != 1:
     raise ValueError(f"margins: expected a rank-1 array of per-sample margins, got shape {arr.shape}")
@@ -474,6 +628,47 @@ def sorted_cosine_margins(margins: Any) -> np.ndarray:
 # ---------------------------------------------------------------------------
 # Drivers.
 # ---------------------------------------------------------------------------
+
+def _require_concrete(fn: str, name: str, value: Any) -> None:
+  """Refuses a tracer in ``value`` (any pytree) for the host function ``fn``.
+
+  Why: the finalisation reads concrete values into float64 numpy, which a tracer
+  under ``jit``/``vmap``/``grad`` cannot give; JAX's own error would be an
+  obscure ``TracerArrayConversionError`` deep inside.
+  """
+  # Containers are searched; anything else (arrays, iterators) is a leaf.
+  leaves = jax.tree_util.tree_leaves(
+      value, is_leaf=lambda x: not isinstance(x, (list, tuple, dict)))
+  if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
+    raise ValueError(
+        f"{name}: expected a concrete array, got a tracer: {fn} is a host function (its final "
+        "linear algebra runs in float64 numpy) and cannot run under jax.jit, vmap or grad; call "
+        "it outside the transformation on the returned features, or accumulate with "
+        "update_class_stats/update_second_pass inside jit and finalise on the host")
+
+
+def _check_magnitude(name_max: dict[str, float], n: int, d: int, dtype: Any) -> None:
+  r"""Refuses finite inputs whose sums of squares would overflow ``dtype``.
+
+  Why: the device accumulations (``(d, d)`` scatter over ``N`` samples, sample
+  and mean norms over ``d`` entries, logits) stay below
+  :math:`4 N d \max|x|^2`; beyond the dtype's maximum they turn into ``inf``
+  and then into silent zeros or ``nan`` (e.g. cosines ``x/inf = 0``).
+
+  Args:
+    name_max: argument name → its largest absolute value.
+    n, d: samples and feature dimension. dtype: the accumulation dtype.
+  """
+  big = float(np.finfo(np.dtype(dtype)).max)
+  limit = math.sqrt(big / (4.0 * max(n, 1) * d))
+  name, amax = max(name_max.items(), key=lambda item: item[1])
+  if amax > limit:
+    raise ValueError(
+        f"{name}: expected |values| <= {limit:.3g} so that {np.dtype(dtype).name} sums of "
+        f"squares over N={n} samples and d={d} dimensions do not overflow, got max |{name}| = "
+        f"{amax:.3g}; rescale (e.g. normalise the features) or compute in float64 "
+        "(jax_enable_x64 and float64 inputs)")
+
 
 def _check_batch(fname: str, lname: str, features: Any, labels: Any, k: int, d: int):
   f = v.as_float_array(fname, features)
@@ -524,6 +719,8 @@ def _two_passes(batches: Callable[[], Iterable[Any]], w: jax.Array, bias: jax.Ar
         raise ValueError(
             f"batches: expected each batch to be a (features, labels) pair, "
             f"got {type(item).__name__} (batch {i}, {which} pass)") from err
+      _require_concrete("nc_metrics_streaming", f"features (batch {i})", feats)
+      _require_concrete("nc_metrics_streaming", f"labels (batch {i})", labs)
       if validate:
         yield _check_batch(f"features (batch {i})", f"labels (batch {i})", feats, labs, k, d)
       else:
@@ -531,13 +728,18 @@ def _two_passes(batches: Callable[[], Iterable[Any]], w: jax.Array, bias: jax.Ar
 
   stats1 = None
   dtype = None
+  feats_max = jnp.zeros(())  # max |features| over the first pass, read once at its end
   for feats, labs in iterate("first"):
     if stats1 is None:
       dtype = jnp.result_type(feats.dtype, w.dtype)
       stats1 = _init_class_stats(k, d, dtype)
     stats1 = _update_class_stats(stats1, feats, labs)
+    feats_max = jnp.maximum(feats_max, jnp.max(jnp.abs(feats)).astype(feats_max.dtype))
   if stats1 is None:
     raise ValueError("batches: expected at least one (features, labels) batch, got none")
+  _check_magnitude({"features": float(feats_max), "W": float(jnp.max(jnp.abs(w))),
+                    "b": float(jnp.max(jnp.abs(bias)))},
+                   int(jnp.sum(stats1.counts)), d, dtype)
   class_means = finalise_class_stats(stats1)
 
   ctx = make_second_pass_context(class_means, w, bias, dtype)
@@ -550,7 +752,7 @@ def _two_passes(batches: Callable[[], Iterable[Any]], w: jax.Array, bias: jax.Ar
     raise ValueError(
         f"batches: expected the second pass to yield the same number of samples as the "
         f"first ({class_means.num_samples}), got {int(stats2.count)}")
-  return finalise_metrics(class_means, stats2, w, bias, margins)
+  return _finalise(class_means, stats2, w, bias, margins, stacklevel=4)
 
 
 def nc_metrics(features: Any, labels: Any, W: Any, b: Any, num_classes: int) -> dict[str, Any]:
@@ -574,12 +776,19 @@ def nc_metrics(features: Any, labels: Any, W: Any, b: Any, num_classes: int) -> 
     avg_cosine_margin, w_etf_dist, h_etf_dist, wh_etf_dist`` (definitions in the
     module docstring; the ETF distances are ``nan`` if ``d < K``) and
     ``cosine_margins``, an ``(N,)`` float64 numpy array in sample order.
+    Metrics undefined for the data (e.g. identical features for every sample,
+    ``W = 0``, ``d < K``) are ``nan`` and a :class:`DegenerateMetricsWarning`
+    names them and says why.
 
   Raises:
     ValueError: naming the argument, for a bad rank, shape or dtype, empty or
-      non-finite input, labels out of range or of the wrong length, a class with
-      no samples, or ``num_classes < 2``.
+      non-finite input, values so large that float sums of squares overflow,
+      labels out of range or of the wrong length, a class with no samples,
+      ``num_classes < 2``, or a tracer (called under ``jit``/``vmap``/``grad``:
+      this is a host function).
   """
+  for name, value in (("features", features), ("labels", labels), ("W", W), ("b", b)):
+    _require_concrete("nc_metrics", name, value)
   v.check_num_classes("num_classes", num_classes)
   k = int(num_classes)
   f = v.as_float_array("features", features)
@@ -617,6 +826,8 @@ def nc_metrics_streaming(batches: Callable[[], Iterable[tuple[Any, Any]]], W: An
       index, e.g. ``"features (batch 3)"``), if ``batches`` is not callable or
       yields nothing, or if the two passes see different sample counts.
   """
+  _require_concrete("nc_metrics_streaming", "W", W)
+  _require_concrete("nc_metrics_streaming", "b", b)
   v.check_num_classes("num_classes", num_classes)
   k = int(num_classes)
   if not callable(batches):

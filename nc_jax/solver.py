@@ -504,9 +504,20 @@ def _rgd(b: jax.Array, x0: jax.Array, tol: float, max_iterations: int):
   the test stays meaningful down to the rounding floor of the gradient. Stops when
   :math:`\|g\|_F \le tol\cdot\|B\|_F`, at ``max_iterations``, or when no step of
   the line search decreases the cost (rounding floor).
+
+  Non-finite input (NaN or inf in ``B``, i.e. in the means or ``prox`` under a
+  caller's ``jit``, where the value checks cannot run) or a norm
+  :math:`\|B\|_F` that overflows the dtype gives an all-NaN ``X``, as the polar
+  path does. Otherwise the loop's condition (a comparison with NaN) is False at
+  once and ``x0``, the previous frame, would come back unchanged: a silently
+  stale result.
+
+  Returns:
+    ``(X, iterations)``: ``(d, K)`` and a scalar int32.
   """
   dtype = b.dtype
   b_norm = jnp.linalg.norm(b)
+  solvable = jnp.isfinite(b_norm)  # False for any NaN/inf in B, or if ‖B‖ overflows
   t_first = 1.0 / b_norm
   threshold = tol * b_norm
   armijo = 1e-4
@@ -551,7 +562,7 @@ def _rgd(b: jax.Array, x0: jax.Array, tol: float, max_iterations: int):
   g0 = _riemannian_grad(x0, b)
   init = (x0, g0, x0, g0, t_first.astype(dtype), jnp.zeros((), jnp.int32), jnp.zeros((), bool))
   x, g, _, _, _, it, _ = lax.while_loop(cond, body, init)
-  return x, it
+  return jnp.where(solvable, x, jnp.full_like(x, jnp.nan)), it
 
 
 def _forward(config: _Config, y: jax.Array, prox: jax.Array):

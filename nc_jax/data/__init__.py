@@ -11,7 +11,8 @@ device-resident epochs with stratified batches, and host streaming with prefetch
   :func:`make_batch` (gather + augment inside jit).
 * :mod:`~nc_jax.data.streaming` — :class:`StreamingLoader` (host batches, prefetch thread).
 
-``tensorflow_datasets`` is imported lazily, only by the tfds readers (the ``data`` extra).
+``tensorflow_datasets`` is imported lazily, only by the tfds readers (the ``data`` extra;
+without it they raise :class:`MissingExtraError`, naming ``pip install -e ".[data]"``).
 """
 
 from nc_jax.data import augment, batching, registry, sources, streaming
@@ -20,16 +21,17 @@ from nc_jax.data.batching import (epoch_indices, eval_indices, make_batch, num_b
                                   put_on_device, shuffle_indices)
 from nc_jax.data.registry import (DATASETS, DatasetInfo, dataset_names, get_dataset_info,
                                   synthetic_info)
-from nc_jax.data.sources import (ArraySource, DataNotFoundError, load_idx, load_npz, load_split,
-                                 load_tfds, make_synthetic, preprocess, read_idx, tfds_source)
+from nc_jax.data.sources import (ArraySource, DataNotFoundError, MissingExtraError, load_idx,
+                                 load_npz, load_split, load_tfds, make_synthetic, preprocess,
+                                 read_idx, tfds_source)
 from nc_jax.data.streaming import Batch, PrefetchIterator, StreamingLoader
 
 __all__ = [
     "ArraySource", "AugmentSpec", "Batch", "DATASETS", "DataNotFoundError", "DatasetInfo",
-    "PrefetchIterator", "StreamingLoader", "augment", "augment_batch", "batching",
-    "dataset_names", "epoch_indices", "eval_indices", "get_dataset_info", "host_augment",
-    "load_idx", "load_npz", "load_split", "load_tfds", "make_batch", "make_synthetic",
-    "normalise", "num_batches", "preprocess", "put_on_device", "read_idx", "registry",
-    "resize_bilinear", "shuffle_indices", "sources", "streaming", "synthetic_info",
+    "MissingExtraError", "PrefetchIterator", "StreamingLoader", "augment", "augment_batch",
+    "batching", "dataset_names", "epoch_indices", "eval_indices", "get_dataset_info",
+    "host_augment", "load_idx", "load_npz", "load_split", "load_tfds", "make_batch",
+    "make_synthetic", "normalise", "num_batches", "preprocess", "put_on_device", "read_idx",
+    "registry", "resize_bilinear", "shuffle_indices", "sources", "streaming", "synthetic_info",
     "tfds_source",
 ]

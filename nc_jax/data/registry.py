@@ -155,6 +155,14 @@ DATASETS: types.MappingProxyType = _ro({
 })
 
 
+def _is_int(x) -> bool:
+  """True for an integral number (``3``, ``np.int64(3)``, ``3.0``), False for anything else."""
+  try:
+    return int(x) == x and not isinstance(x, bool)
+  except (TypeError, ValueError, OverflowError):
+    return False
+
+
 def dataset_names() -> tuple[str, ...]:
   return tuple(DATASETS)
 
@@ -179,14 +187,27 @@ def synthetic_info(num_classes: int = 10, image_shape: tuple[int, int, int] = (3
                    num_train: int = 2560, num_test: int = 512) -> DatasetInfo:
   """A ``synthetic`` registry entry with other K, image shape or sizes (flip + pad-4 crop of
   the full size; 1-channel images are replicated to 3 channels like MNIST)."""
-  if int(num_classes) != num_classes or num_classes < 2:
-    raise ValueError(f"synthetic_info: num_classes must be an integer >= 2, got {num_classes}")
-  if len(image_shape) != 3 or min(image_shape) <= 0 or image_shape[2] not in (1, 3):
-    raise ValueError(f"synthetic_info: image_shape must be (H, W, 1 or 3), got {image_shape}")
+  if not _is_int(num_classes) or num_classes < 2:
+    raise ValueError(f"synthetic_info: num_classes must be an integer >= 2, got {num_classes!r}")
+  try:
+    shape_ok = (len(image_shape) == 3 and all(_is_int(s) and s > 0 for s in image_shape)
+                and image_shape[2] in (1, 3))
+  except TypeError:  # not a sequence
+    shape_ok = False
+  if not shape_ok:
+    raise ValueError(f"synthetic_info: image_shape must be (H, W, 1 or 3) of positive "
+                     f"integers, got {image_shape!r}")
+  for name, value in (("num_train", num_train), ("num_test", num_test)):
+    # An empty split would only fail later, far from here (e.g. in a concatenate).
+    if not _is_int(value) or value < 1:
+      raise ValueError(f"synthetic_info: {name} must be a positive integer (the {name[4:]} "
+                       f"split needs at least one example), got {value!r}")
+  image_shape = tuple(int(s) for s in image_shape)
   h, w, _ = image_shape
   base = DATASETS["synthetic"]
   train = dataclasses.replace(base.train_spec, crop_size=None if h != w else h)
   return dataclasses.replace(
       base, num_classes=int(num_classes), source_shape=tuple(image_shape),
       device_shape=tuple(image_shape), input_shape=(h, w, 3), train_spec=train,
-      eval_spec=train.eval_spec(), num_examples=_ro({"train": num_train, "test": num_test}))
+      eval_spec=train.eval_spec(),
+      num_examples=_ro({"train": int(num_train), "test": int(num_test)}))

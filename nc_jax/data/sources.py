@@ -15,12 +15,20 @@ int32 labels, or (for streaming) a random-access source.
 * :func:`load_split`: any of these by name, followed by the registry's load-time
   preprocessing (:func:`preprocess`: MNIST 28→32 bilinear resize).
 * :class:`ArraySource`: in-memory arrays as a random-access source for the streaming loader.
+
+Bad input ends in one ``ValueError`` line naming the file (or split) and the problem:
+truncated or corrupt ``.npz`` and gzip files, IDX files with a bad magic number or a size
+that does not match the header, empty splits; a missing ``data`` extra is a
+:class:`MissingExtraError` (also a ``ValueError``) naming the install command.
 """
 
 from __future__ import annotations
 
 import gzip
+import math
 import os
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -37,6 +45,27 @@ class DataNotFoundError(FileNotFoundError, ValueError):
   """
 
 
+class MissingExtraError(ImportError, ValueError):
+  """An optional dependency (a pip extra) is not installed; the message names the command.
+
+  Both an ``ImportError`` and a ``ValueError`` (the experiments' entry points print
+  ``ValueError``s as one line).
+  """
+
+
+#: What a truncated or corrupt compressed file raises from gzip, zipfile and numpy.
+_CORRUPT_ERRORS = (EOFError, zlib.error, zipfile.BadZipFile, OSError, ValueError)
+
+
+def _one_line(err: BaseException) -> str:
+  """``Type: message`` of ``err`` on one line (numpy/zlib messages may hold newlines); the
+  type with its module unless a builtin (``zlib.error``, ``zipfile.BadZipFile``)."""
+  kind = type(err).__qualname__
+  if type(err).__module__ != "builtins":
+    kind = f"{type(err).__module__}.{kind}"
+  return f"{kind}: {' '.join(str(err).split())}"
+
+
 SOURCES = ("tfds", "idx", "npz", "synthetic")
 
 # ---------------------------------------------------------------------------
@@ -47,10 +76,23 @@ _IDX_DTYPES = {0x08: np.dtype(np.uint8), 0x09: np.dtype(np.int8), 0x0B: np.dtype
 
 
 def _read_maybe_gzip(path: Path) -> bytes:
-  with open(path, "rb") as f:
-    data = f.read()
+  """The bytes of ``path``, gunzipped if they start with the gzip magic ``1f 8b``.
+
+  Raises:
+    ValueError: unreadable file, or truncated/corrupt gzip data (which gzip reports as
+      ``EOFError``, ``zlib.error`` or ``BadGzipFile``), naming the file.
+  """
+  try:
+    with open(path, "rb") as f:
+      data = f.read()
+  except OSError as err:
+    raise ValueError(f"{path}: cannot read the file ({_one_line(err)})") from None
   if data[:2] == b"\x1f\x8b":
-    data = gzip.decompress(data)
+    try:
+      data = gzip.decompress(data)
+    except (EOFError, zlib.error, OSError) as err:
+      raise ValueError(f"{path}: truncated or corrupt gzip data ({len(data)} compressed bytes; "
+                       f"{_one_line(err)}); download the file again") from None
   return data
 
 
@@ -71,12 +113,14 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
   dtype, ndim = _IDX_DTYPES[data[2]], data[3]
   header = 4 + 4 * ndim
   if len(data) < header:
-    raise ValueError(f"{path}: truncated IDX header")
+    raise ValueError(f"{path}: truncated IDX header: {ndim} dimensions need {header} header "
+                     f"bytes, the file holds {len(data)}")
   dims = tuple(int(d) for d in np.frombuffer(data, ">u4", count=ndim, offset=4))
-  count = int(np.prod(dims)) if dims else 1
+  count = math.prod(dims)  # exact (python ints): np.prod could overflow on a corrupt header
   if len(data) - header != count * dtype.itemsize:
     raise ValueError(f"{path}: IDX header says shape {dims} ({count * dtype.itemsize} bytes) "
-                     f"but the file holds {len(data) - header} data bytes")
+                     f"but the file holds {len(data) - header} data bytes (truncated or "
+                     "corrupt file)")
   arr = np.frombuffer(data, dtype, count=count, offset=header).reshape(dims)
   return arr.astype(dtype.newbyteorder("="))
 
@@ -112,9 +156,14 @@ def load_idx(directory: str | os.PathLike, split: str = "train") -> tuple[np.nda
   if images.ndim != 3 or images.dtype != np.uint8:
     raise ValueError(f"{paths['images']}: expected uint8 images (N, H, W), got "
                      f"{images.dtype} {images.shape}")
+  if images.shape[0] == 0:
+    raise ValueError(f"{paths['images']}: the {split} split is empty (0 images); expected at "
+                     "least one")
   if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
     raise ValueError(f"{paths['labels']}: expected {images.shape[0]} labels (N,), got shape "
                      f"{labels.shape}")
+  if not np.issubdtype(labels.dtype, np.integer):
+    raise ValueError(f"{paths['labels']}: expected integer labels, got {labels.dtype}")
   return images[..., None], labels.astype(np.int32)
 
 
@@ -122,12 +171,19 @@ def load_idx(directory: str | os.PathLike, split: str = "train") -> tuple[np.nda
 # npz
 
 
-def _check_arrays(where: str, images: np.ndarray, labels: np.ndarray):
+def _check_arrays(where: str, images: np.ndarray, labels: np.ndarray, split: str | None = None):
+  """uint8 (N, H, W, C) images and int32 (N,) labels, or a ValueError naming ``where`` (and
+  ``split``): wrong rank, dtype or length, or no images at all (an empty split would
+  otherwise fail later, e.g. in the load-time resize, with an unrelated numpy message)."""
   images, labels = np.asarray(images), np.asarray(labels)
   if images.ndim == 3:
     images = images[..., None]
   if images.ndim != 4:
     raise ValueError(f"{where}: images must be (N, H, W) or (N, H, W, C), got {images.shape}")
+  if images.shape[0] == 0:
+    what = f"the {split} split" if split else "the image array"
+    raise ValueError(f"{where}: {what} is empty (0 images, shape {images.shape}); expected at "
+                     "least one")
   if images.dtype != np.uint8:
     if np.issubdtype(images.dtype, np.integer) and images.size and (
         images.min() >= 0 and images.max() <= 255):
@@ -152,13 +208,28 @@ def load_npz(path: str | os.PathLike, split: str = "train") -> tuple[np.ndarray,
   if not path.is_file():
     raise DataNotFoundError(f"load_npz: file not found: {path} (expected an .npz with arrays "
                             "x_train, y_train, x_test, y_test)")
-  with np.load(path, allow_pickle=False) as z:
+  try:
+    z = np.load(path, allow_pickle=False)
+  except _CORRUPT_ERRORS as err:  # e.g. BadZipFile of a truncated archive
+    raise ValueError(f"{path}: not a readable .npz archive (truncated or corrupt?): "
+                     f"{_one_line(err)}") from None
+  if not isinstance(z, np.lib.npyio.NpzFile):
+    raise ValueError(f"{path}: expected an .npz archive with arrays x_train, y_train, x_test, "
+                     f"y_test, got a single {type(z).__name__} (an .npy file)")
+  with z:
     kx, ky = f"x_{split}", f"y_{split}"
     missing = [k for k in (kx, ky) if k not in z.files]
     if missing:
       raise ValueError(f"{path}: missing arrays {missing}; found {sorted(z.files)} "
                        "(expected x_train, y_train, x_test, y_test)")
-    return _check_arrays(str(path), z[kx], z[ky])
+    arrays = []
+    for key in (kx, ky):
+      try:
+        arrays.append(z[key])
+      except _CORRUPT_ERRORS as err:  # a member cut short: EOFError, zlib.error, bad CRC
+        raise ValueError(f"{path}: cannot read array {key!r} (truncated or corrupt file?): "
+                         f"{_one_line(err)}") from None
+    return _check_arrays(str(path), *arrays, split=split)
 
 
 # ---------------------------------------------------------------------------
@@ -199,11 +270,22 @@ def make_synthetic(num_examples: int, num_classes: int = 10,
 
 
 def _import_tfds():
+  """``tensorflow_datasets``, after checking that array_record (which ``tfds.data_source``
+  needs; without it tfds reports an unrelated error) imports too.
+
+  Raises:
+    MissingExtraError: either is not importable (the ``data`` extra is not installed).
+  """
+  # pylint: disable=import-outside-toplevel,unused-import
   try:
-    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    import tensorflow_datasets as tfds
+    from array_record.python import array_record_data_source  # noqa: F401
   except ImportError as err:
-    raise ImportError("reading tfds datasets needs the 'data' extra: "
-                      "pip install 'nc-jax[data]' (tensorflow-datasets, array-record)") from err
+    missing = getattr(err, "name", None) or str(err)
+    raise MissingExtraError(
+        f"source='tfds' needs the 'data' extra (tensorflow-datasets, array-record, pillow), "
+        f"which is not installed (cannot import {missing}): run pip install -e \".[data]\" in "
+        "the nc_jax repository, or use source='idx', 'npz' or 'synthetic'") from None
   return tfds
 
 
@@ -334,6 +416,9 @@ def preprocess(images: np.ndarray, info: DatasetInfo) -> np.ndarray:
     raise ValueError(f"{info.name}: stream-only dataset (images vary in size); use "
                      "nc_jax.data.streaming")
   h, w, c = info.device_shape
+  if images.ndim != 4 or images.shape[0] == 0:
+    raise ValueError(f"{info.name}: expected a non-empty batch of images (N, H, W, C), got "
+                     f"shape {images.shape}")
   if images.shape[-1] != c:
     raise ValueError(f"{info.name}: expected {c}-channel images, got shape {images.shape}")
   if images.shape[1:3] != (h, w):
