@@ -25,6 +25,7 @@ that does not match the header, empty splits; a missing ``data`` extra is a
 from __future__ import annotations
 
 import gzip
+import importlib
 import math
 import os
 import zipfile
@@ -276,10 +277,9 @@ def _import_tfds():
   Raises:
     MissingExtraError: either is not importable (the ``data`` extra is not installed).
   """
-  # pylint: disable=import-outside-toplevel,unused-import
-  try:
-    import tensorflow_datasets as tfds
-    from array_record.python import array_record_data_source  # noqa: F401
+  try:  # import_module consults sys.modules for the full name (a hidden module fails here)
+    tfds = importlib.import_module("tensorflow_datasets")
+    importlib.import_module("array_record.python.array_record_data_source")
   except ImportError as err:
     missing = getattr(err, "name", None) or str(err)
     raise MissingExtraError(
