@@ -104,7 +104,7 @@ class SolverInfo(NamedTuple):
     converged: bool scalar. Newton–Schulz: ``residual`` ≤ √eps (its fixed schedule
       reached the polar factor); RGD: the gradient tolerance was met before
       ``max_iterations`` or the rounding floor stopped it; the direct factorisations:
-      True.
+      True. False whenever the result is not finite.
   """
   iterations: jax.Array
   grad_norm: jax.Array
@@ -577,6 +577,7 @@ def _forward(config: _Config, y: jax.Array, prox: jax.Array):
     out = _direct(x, iterations)
     converged = iterations < config.max_iterations
   grad_norm = jnp.linalg.norm(_riemannian_grad(out.p, b))
+  converged = converged & jnp.isfinite(grad_norm)  # a non-finite result is never converged
   return (out.p, out.iterations, grad_norm, out.residual, converged), (out.p, b, out.backward)
 
 
