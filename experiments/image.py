@@ -39,7 +39,6 @@ import argparse
 import dataclasses
 import difflib
 import functools
-import json
 import os
 import pathlib
 import platform
@@ -50,6 +49,7 @@ import types
 import typing
 from typing import Any, Callable, Sequence
 
+from experiments import run_folder
 from experiments.cli import METHODS, parse_methods, parse_seeds
 from nc_jax import config as config_lib
 from nc_jax import solver as solver_lib
@@ -436,18 +436,6 @@ def machine_description() -> str:
           f"{os.cpu_count()} CPUs")
 
 
-def _read_records(path: pathlib.Path) -> list[dict]:
-  if not path.exists():
-    return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _write_records(path: pathlib.Path, records: list[dict]) -> None:
-  tmp = path.with_suffix(".tmp")
-  tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-  tmp.replace(path)
-
-
 class _Progress:
   """tqdm bar over a run's steps (rate, ETA, last epoch's loss and accuracy); plain lines
   when tqdm is missing or output is quiet."""
@@ -594,17 +582,32 @@ def _nc_record(result: dict, prefix: str) -> dict:
 def run_one(cfg: config_lib.TrainConfig, method: str, options: RunOptions, data: Data, mesh,
             cache: dict) -> str:
   """Trains one (method, seed); returns ``"done"``, ``"skipped"``, ``"stopped"``
-  (``--max-steps``) or ``"interrupted"`` (SIGINT/SIGTERM)."""
+  (``--max-steps``), ``"interrupted"`` (SIGINT/SIGTERM) or ``"locked"`` (another process is
+  running it: :meth:`experiments.run_folder.RunFolder.lock`)."""
+  import jax
+  run = run_folder.RunFolder(options.run_dir(method, cfg.seed))
+  if jax.process_index() != 0:  # several hosts: process 0 alone writes the run folder
+    return _run_locked(cfg, method, options, data, mesh, cache, run)
+  try:
+    with run.lock():
+      return _run_locked(cfg, method, options, data, mesh, cache, run)
+  except run_folder.RunLocked as err:
+    print(f"{options.experiment}/{method}/seed-{cfg.seed}: skipped: {err}", flush=True)
+    return "locked"
+
+
+def _run_locked(cfg: config_lib.TrainConfig, method: str, options: RunOptions, data: Data,
+                mesh, cache: dict, run: "run_folder.RunFolder") -> str:
   import jax
   import numpy as np
 
   from nc_jax import loop, train
-  from nc_jax.checkpoint import Checkpointer
+  from nc_jax.checkpoint import Checkpointer, has_checkpoint
   from nc_jax.data import batching
   from nc_jax.data.streaming import StreamingLoader
   from experiments import tb_writer
 
-  folder = options.run_dir(method, cfg.seed)
+  folder = run.path
   title = f"{options.experiment}/{method}/seed-{cfg.seed}"
   config_json = {"experiment": options.experiment, "method": method, "seed": cfg.seed,
                  "train_config": dataclasses.asdict(cfg),
@@ -617,23 +620,24 @@ def run_one(cfg: config_lib.TrainConfig, method: str, options: RunOptions, data:
                      cfg.factorisation, mesh.devices.flat[0].platform),
                  "command": " ".join([f"python -m experiments.{options.experiment}"] +
                                      sys.argv[1:]) if sys.argv else ""}
-  done = folder / "done.json"
   # Several hosts: every process trains, process 0 alone writes the run folder (Orbax
   # coordinates the checkpoints itself).
   writes = jax.process_index() == 0
   if options.overwrite and folder.exists() and writes:
-    shutil.rmtree(folder)
-  if done.exists() and json.loads(done.read_text()).get("epochs") == cfg.epochs:
+    for entry in folder.iterdir():  # all but the lock this process holds
+      if entry.name != ".lock":
+        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+  if run.done_epochs() == cfg.epochs:
     if not options.quiet:
       print(f"{title}: finished earlier, skipped", flush=True)
     return "skipped"
-  ckpt_dir = folder / "checkpoints"
-  has_ckpt = ckpt_dir.exists() and any(ckpt_dir.iterdir())
+  ckpt_dir = run.checkpoint_dir
+  has_ckpt = has_checkpoint(ckpt_dir)  # a killed write's leftovers are not a checkpoint
   if has_ckpt and not options.resume:
-    raise ValueError(f"{folder}: holds a partial run (checkpoints); pass --resume to continue "
-                     f"it or --overwrite to start it again")
+    raise ValueError(f"{folder}: holds an unfinished run (checkpoints); pass --resume to "
+                     f"continue it or --overwrite to start it again")
   if has_ckpt:
-    _check_same_run(folder, config_json)
+    run_folder.check_same_run(run, config_json)
   folder.mkdir(parents=True, exist_ok=True)
 
   k = data.info.num_classes
@@ -670,24 +674,24 @@ def run_one(cfg: config_lib.TrainConfig, method: str, options: RunOptions, data:
                                    jax.random.PRNGKey(cfg.seed), compiled.sample_input,
                                    init_params=cfg.init_params())
   state = train.replicate(state, mesh)
-  records_path = folder / "metrics.jsonl"
   position, records = {"epoch": 0, "batch": 0}, []
   checkpointer = Checkpointer(ckpt_dir, keep=options.keep)
   if has_ckpt:
-    state, position = checkpointer.restore(state)
+    state, position = checkpointer.restore(state, steps_per_epoch=steps_per_epoch)
     print(f"{title}: resuming at epoch {position['epoch'] + 1}, batch {position['batch']} "
           f"(step {int(state.step)})", flush=True)  # also with --quiet: say what resumed
     if position["epoch"] > cfg.epochs:
       checkpointer.close()
       raise ValueError(f"{folder}: the checkpoint is at epoch {position['epoch']}, past "
                        f"--epochs {cfg.epochs}; resume with --epochs >= {position['epoch']}")
-    # Records after the checkpoint belong to work that is about to be redone.
-    records = [r for r in _read_records(records_path) if r["epoch"] <= position["epoch"]]
+    # Records after the checkpoint belong to work that is about to be redone; those before
+    # it must all be there.
+    records = run.records_until(position["epoch"])
   else:
     if writes:
-      (folder / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
+      run_folder.write_json(run.config_path, config_json)
   if writes:
-    _write_records(records_path, records)
+    run.write_records(records)
   elapsed0 = records[-1]["elapsed"] if records else 0.0
   writer = tb_writer.open_writer(folder / "tb", options.tensorboard if writes else False)
   progress = _Progress(title, cfg.epochs * steps_per_epoch,
@@ -713,12 +717,13 @@ def run_one(cfg: config_lib.TrainConfig, method: str, options: RunOptions, data:
       rec.update(_nc_record(te, "nc_test_"))
       if tr["cosine_margins"] is not None:
         last_margins[:] = [tr["cosine_margins"]]
+        if writes:  # now, not at the end: a kill after the final checkpoint must not lose it
+          _save_margins(run, tr["cosine_margins"])
       rec["nc_seconds"] = time.perf_counter() - t_nc
     rec["elapsed"] = elapsed0 + time.perf_counter() - t_start
     records.append(rec)
     if writes:
-      with open(records_path, "a") as f:
-        f.write(json.dumps(rec) + "\n")
+      run.append_record(rec)
     if writer is not None:
       writer.scalars(rec["step"], {_tb_tag(key): v for key, v in rec.items()
                                    if key not in ("epoch", "step") and np.isfinite(v)})
@@ -757,10 +762,13 @@ def run_one(cfg: config_lib.TrainConfig, method: str, options: RunOptions, data:
     return "stopped" if result.stop_reason == "max_steps" else "interrupted"
   if not writes:
     return "done"
-  if last_margins:
-    np.save(folder / "margins.npy", np.sort(np.asarray(last_margins[0], np.float32)))
+  if not run.margins_path.exists():  # killed after the final checkpoint, before the margins
+    tr = nc_pass(compiled, result.state, nc_train, data.train_labels, nc_ids, cfg.batch_size,
+                 mesh, data)
+    if tr["cosine_margins"] is not None:
+      _save_margins(run, tr["cosine_margins"])
   wall = records[-1]["elapsed"] if records else 0.0
-  done.write_text(json.dumps({"epochs": cfg.epochs, "wall_seconds": wall}) + "\n")
+  run.mark_done({"epochs": cfg.epochs, "wall_seconds": wall})
   if options.plot:
     _plot_run(folder)
   final = records[-1]
@@ -777,21 +785,12 @@ def _tb_tag(key: str) -> str:
   return "_".join(parts[:head]) + "/" + "_".join(parts[head:]) if len(parts) > head else key
 
 
-def _check_same_run(folder: pathlib.Path, config_json: dict) -> None:
-  """A resumed run must compute the same thing (only ``epochs`` may grow, and only at a
-  constant learning rate: a schedule is laid out over the whole run)."""
-  path = folder / "config.json"
-  if not path.exists():
-    return
-  saved = json.loads(path.read_text()).get("train_config", {})
-  now = config_json["train_config"]
-  # More epochs are fine at a constant learning rate; a schedule spans the whole run.
-  free = ("epochs",) if now.get("schedule") == "constant" else ()
-  diff = [f"{k}: saved {saved.get(k)!r}, now {now[k]!r}" for k in now
-          if k not in free and saved.get(k) != now[k]]
-  if diff:
-    raise ValueError(f"{folder}: --resume with a different configuration ("
-                     + "; ".join(diff) + "); use the saved one or --overwrite")
+def _save_margins(run: "run_folder.RunFolder", margins) -> None:
+  """Sorted per-sample cosine margins to ``margins.npy``, atomically."""
+  import numpy as np
+  tmp = run.margins_path.with_name("margins.tmp.npy")
+  np.save(tmp, np.sort(np.asarray(margins, np.float32)))
+  tmp.replace(run.margins_path)
 
 
 def _plot_run(folder: pathlib.Path) -> None:
@@ -830,7 +829,7 @@ def main(experiment: str, argv: Sequence[str] | None = None) -> dict[tuple[str, 
       outcome = run_one(config_for(base, method, seed), method, options, data, mesh, cache)
       outcomes[(method, seed)] = outcome
       if outcome in ("stopped", "interrupted"):
-        return outcomes
+        return outcomes  # "locked" runs are another process's: the sweep goes on
   print(f"runs: {pathlib.Path(options.out) / experiment}; aggregate with "
         f"python -m experiments.report {pathlib.Path(options.out) / experiment}", flush=True)
   return outcomes

@@ -1,0 +1,198 @@
+"""Faults around the experiment runner: real processes killed at chosen points, damaged files,
+concurrent writers, changed flags on resume. Each ends in "resumed, identical records" or "a
+clear error, nothing lost".
+
+Runs are tiny (synthetic data, the MLP backbone, two steps per epoch). A killed run is a real
+child process (``subprocess``) that SIGKILLs itself at the chosen point; the resume and the
+uninterrupted reference run in this process.
+"""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from experiments import cifar10, run_folder
+
+SMOKE = ["--source", "synthetic", "--num-examples", "64", "--batch-size", "32", "--epochs", "3",
+         "--nc-every", "1", "--devices", "1", "--quiet", "--checkpoint-every", "1", "--model",
+         "mlp", "--method", "implicit", "--no-plot"]
+TIMING_KEYS = ("seconds", "elapsed", "nc_seconds")
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def folder_of(out):
+  return pathlib.Path(out) / "cifar10" / "implicit" / "seed-1"
+
+
+def records(folder):
+  return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS}
+          for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """An uninterrupted run in this process: its records and margins."""
+  out = tmp_path_factory.mktemp("reference")
+  assert cifar10.main(SMOKE + ["--out", str(out)]) == {("implicit", 1): "done"}
+  folder = folder_of(out)
+  return records(folder), np.load(folder / "margins.npy")
+
+
+def run_child(out, argv=(), kill_after_final_checkpoint=False):
+  """The sweep in a child process (the CLI, as a user runs it); optionally SIGKILLed right
+  after the final checkpoint is written, before done.json. (Kills inside a checkpoint write:
+  tests/test_checkpoint_faults.py.)"""
+  script = textwrap.dedent(f"""
+      import os, signal, sys
+      sys.argv = ["cifar10"] + {SMOKE + ["--out", str(out)] + list(argv)!r}
+      from nc_jax import checkpoint
+      real_save = checkpoint.Checkpointer.save
+      def save(self, step, state, position):
+        real_save(self, step, state, position)
+        if {kill_after_final_checkpoint!r} and position["epoch"] == 3:
+          self.wait()
+          os.kill(os.getpid(), signal.SIGKILL)
+      checkpoint.Checkpointer.save = save
+      from experiments import image
+      image.cli("cifar10")
+      """)
+  proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                        text=True, timeout=300)
+  want = -signal.SIGKILL if kill_after_final_checkpoint else 0
+  assert proc.returncode == want, proc.stderr[-2000:]
+
+
+def test_kill_after_the_final_checkpoint_resumes_to_identical_results(tmp_path):
+  """Killed after the last checkpoint, before done.json: the resume runs no epoch and finishes
+  the run — margins included (they are written at every NC pass now). Compared with an
+  uninterrupted child process (the same JAX settings; this test process enables x64)."""
+  run_child(tmp_path / "full")
+  run_child(tmp_path / "killed", kill_after_final_checkpoint=True)
+  folder = folder_of(tmp_path / "killed")
+  assert not (folder / "done.json").exists() and (folder / "margins.npy").exists()
+  run_child(tmp_path / "killed", ["--resume"])
+  assert json.loads((folder / "done.json").read_text())["epochs"] == 3
+  full = folder_of(tmp_path / "full")
+  assert records(folder) == records(full)
+  np.testing.assert_array_equal(np.load(folder / "margins.npy"), np.load(full / "margins.npy"))
+
+
+def test_margins_lost_after_the_final_checkpoint_are_recomputed(tmp_path, reference):
+  cifar10.main(SMOKE + ["--out", str(tmp_path)])
+  folder = folder_of(tmp_path)
+  (folder / "margins.npy").unlink()
+  (folder / "done.json").unlink()
+  assert cifar10.main(SMOKE + ["--out", str(tmp_path), "--resume"]) == {("implicit", 1): "done"}
+  np.testing.assert_array_equal(np.load(folder / "margins.npy"), reference[1])
+
+
+def test_half_written_last_record_is_dropped_on_resume(tmp_path, reference):
+  """A kill while writing a record leaves a line without its newline: resume drops it (its
+  epoch is after the checkpoint) with a warning, and the records end identical."""
+  cifar10.main(SMOKE + ["--out", str(tmp_path), "--max-steps", "3"])   # mid-epoch 2
+  folder = folder_of(tmp_path)
+  with open(folder / "metrics.jsonl", "a") as f:
+    f.write('{"epoch": 2, "train_loss": 0.12')
+  with pytest.warns(UserWarning, match="dropped a half-written last line"):
+    assert cifar10.main(SMOKE + ["--out", str(tmp_path), "--resume"]) == {
+        ("implicit", 1): "done"}
+  assert records(folder) == reference[0]
+
+
+def test_missing_records_are_an_error_not_a_silent_hole(tmp_path):
+  cifar10.main(SMOKE + ["--out", str(tmp_path), "--max-steps", "5"])   # checkpoint at epoch 2
+  folder = folder_of(tmp_path)
+  (folder / "metrics.jsonl").unlink()
+  with pytest.raises(ValueError, match=r"metrics.jsonl: the checkpoint holds epochs 1–2 but the "
+                     r"records of epoch\(s\) 1, 2 are missing"):
+    cifar10.main(SMOKE + ["--out", str(tmp_path), "--resume"])
+  assert (folder / "checkpoints").exists()   # nothing deleted
+
+
+@pytest.mark.parametrize("flag", [["--train-examples", "32"], ["--nc-examples", "16"],
+                                  ["--test-examples", "16"], ["--nc-every", "2"]])
+def test_resume_refuses_options_that_change_the_run(tmp_path, flag):
+  cifar10.main(SMOKE + ["--out", str(tmp_path), "--max-steps", "3"])
+  name = flag[0]
+  with pytest.raises(ValueError, match=rf"different configuration \({name}: saved None|"
+                     rf"different configuration \({name}: saved 1, now 2"):
+    cifar10.main(SMOKE + ["--out", str(tmp_path), "--resume"] + flag)
+
+
+def test_resume_without_config_json_is_refused(tmp_path):
+  cifar10.main(SMOKE + ["--out", str(tmp_path), "--max-steps", "3"])
+  (folder_of(tmp_path) / "config.json").unlink()
+  with pytest.raises(ValueError, match="has checkpoints but no config.json"):
+    cifar10.main(SMOKE + ["--out", str(tmp_path), "--resume", "--tau", "4"])
+
+
+@pytest.mark.parametrize("name", ["config.json", "done.json"])
+def test_damaged_json_names_the_file(tmp_path, name):
+  cifar10.main(SMOKE + ["--out", str(tmp_path)])
+  path = folder_of(tmp_path) / name
+  path.write_text('{"epochs": 3, "wall')
+  argv = SMOKE + ["--out", str(tmp_path)] + (["--resume"] if name == "config.json" else [])
+  if name == "config.json":
+    (folder_of(tmp_path) / "done.json").unlink()
+  with pytest.raises(ValueError, match=rf"{name}: not valid JSON"):
+    cifar10.main(argv)
+
+
+def hold_lock(folder):
+  """A child process holding the run folder's lock until killed."""
+  script = textwrap.dedent(f"""
+      import sys, time
+      from experiments import run_folder
+      with run_folder.RunFolder({str(folder)!r}).lock():
+        print("locked", flush=True)
+        time.sleep(600)
+      """)
+  proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE,
+                          text=True)
+  assert proc.stdout.readline().strip() == "locked"
+  return proc
+
+
+def test_a_second_writer_is_refused_and_a_killed_one_releases_the_folder(tmp_path, capsys):
+  folder = folder_of(tmp_path)
+  holder = hold_lock(folder)
+  try:
+    assert cifar10.main(SMOKE + ["--out", str(tmp_path)]) == {("implicit", 1): "locked"}
+    assert "another process is writing this run (pid " in capsys.readouterr().out
+    assert not (folder / "metrics.jsonl").exists()       # nothing written beside the holder
+  finally:
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait()
+  # SIGKILL released the lock (the kernel drops a dead process's flock): no stale lock.
+  assert cifar10.main(SMOKE + ["--out", str(tmp_path)]) == {("implicit", 1): "done"}
+
+
+def test_run_folder_lock_in_process():
+  """Two holders in one process are two open files: the second is refused too."""
+  import tempfile  # noqa: PLC0415
+  with tempfile.TemporaryDirectory() as d:
+    run = run_folder.RunFolder(d)
+    with run.lock():
+      with pytest.raises(run_folder.RunLocked, match=r"another process is writing this run "
+                         r"\(pid \d+ on .* since \d{4}-"):
+        with run_folder.RunFolder(d).lock():
+          pass
+    with run.lock():  # released
+      pass
+
+
+def test_records_reader_refuses_a_damaged_middle_line(tmp_path):
+  run = run_folder.RunFolder(tmp_path)
+  run.records_path.write_text('{"epoch": 1}\n{"epoch": 2, oops}\n{"epoch": 3}\n')
+  with pytest.raises(ValueError, match=r"metrics.jsonl: line 2 is not valid JSON"):
+    run.read_records()
+  run.records_path.write_text('{"epoch": 1}\n{"epoch": 2}\n{"epo')
+  with pytest.warns(UserWarning, match="line 3"):
+    assert run.read_records() == [{"epoch": 1}, {"epoch": 2}]
