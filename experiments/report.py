@@ -530,6 +530,7 @@ def plot_metrics(runs: dict[str, list[Run]], path: str | pathlib.Path,
       series[key] = per_method
   if not series:
     return None
+  seed_counts = {method: len(rs) for method, rs in runs.items()}
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -556,8 +557,10 @@ def plot_metrics(runs: dict[str, list[Run]], path: str | pathlib.Path,
   for ax in list(axes.flat)[len(panels):]:
     ax.set_visible(False)
   axes.flat[0].legend()
-  fig.suptitle(f"{title} (median over seeds, min–max band)" if title else
-               "median over seeds, min–max band")
+  seeds = sorted({n for n in seed_counts.values()}) if seed_counts else []
+  what = ("one seed" if seeds == [1] else
+          f"median over {'/'.join(map(str, seeds))} seeds, min–max band")
+  fig.suptitle(f"{title} ({what})" if title else what)
   fig.tight_layout()
   path = pathlib.Path(path)
   fig.savefig(path, dpi=100)
@@ -664,6 +667,19 @@ def report(folder: str | pathlib.Path, out: str | pathlib.Path, epochs: Sequence
           "warnings": list(warnings)}
 
 
+def _is_ufm(folder: pathlib.Path) -> bool:
+  """Whether ``folder`` holds UFM runs: their records are keyed by ``iteration``."""
+  for path in folder.glob("*/seed-*/metrics.jsonl"):
+    with open(path) as f:
+      first = f.readline()
+    try:
+      record = json.loads(first)
+    except json.JSONDecodeError:
+      continue
+    return isinstance(record, dict) and "iteration" in record and "epoch" not in record
+  return False
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, dict]:
   """Runs the command; returns ``{folder: report(...) result}``."""
   parser = build_parser()
@@ -682,6 +698,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict]:
   for folder in folders:
     if not folder.is_dir():
       parser.error(f"{folder}: no such folder (expected run folders {EXPECTED})")
+    if _is_ufm(folder):
+      parser.error(f"{folder}: UFM run folders (records per iteration, not per epoch); "
+                   f"python -m experiments.ufm prints their summary and draws their figure "
+                   f"(ufm.png in that folder); this report is for the image experiments")
     warnings: list[str] = []
     runs = load_runs(folder, warn=lambda w: (warnings.append(w), _warn_stderr(w)))
     if not runs:

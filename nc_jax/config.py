@@ -145,10 +145,10 @@ class TrainConfig:
     self.head_config(k, d)
     if self.optimizer.lower() == "agd" and self.affine:
       raise ValueError("affine: AGD cannot train 1-D parameters, so BatchNorm must run without "
-                       "scale and shift (affine=False, the paper's --no-bias), got affine=True")
+                       "scale and shift (affine=False: drop --affine), got affine=True")
     if self.optimizer.lower() == "agd" and self.method == "standard" and self.bias:
-      raise ValueError("bias: AGD cannot train 1-D parameters: use bias=False with the standard "
-                       "head (the paper's --no-bias), got bias=True")
+      raise ValueError("bias: AGD cannot train 1-D parameters: the standard head's classifier "
+                       "bias must be off (bias=False: drop --bias), got bias=True")
     self.optimizer_transform(steps_per_epoch=1)  # the factory validates the numbers
     return self
 

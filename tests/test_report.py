@@ -321,3 +321,14 @@ def test_missing_or_empty_folder_fails_clearly(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert f"{folder}: {what}" in err and "<dir>/<method>/seed-<n>/metrics.jsonl" in err
+
+
+def test_ufm_run_folders_are_refused_clearly(tmp_path, capsys):
+  """UFM records are per iteration: one clear line, not a report of skipped lines."""
+  folder = tmp_path / "ufm" / "implicit" / "seed-1"
+  folder.mkdir(parents=True)
+  (folder / "metrics.jsonl").write_text('{"iteration": 1, "loss": 2.3}\n')
+  with pytest.raises(SystemExit) as err:
+    report.main([str(tmp_path / "ufm")])
+  assert err.value.code == 2
+  assert "UFM run folders (records per iteration, not per epoch)" in capsys.readouterr().err
