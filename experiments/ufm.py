@@ -30,13 +30,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import pathlib
 import sys
 import time
 from typing import Sequence
 
+from experiments import run_folder
 from experiments.cli import METHODS, parse_methods, parse_seeds
 PRESETS = {
     "ufm10": dict(classes=10, samples_per_class=100, dim=512),
@@ -65,6 +65,12 @@ class UFMConfig:
   out: str = "runs/ufm"
   quiet: bool = False
   plot: bool = True
+  overwrite: bool = False
+
+
+# Fields of UFMConfig that do not change what a run computes (the rest must match to reuse a
+# finished run).
+NOT_RUN_DEFINING = ("methods", "seeds", "out", "quiet", "plot", "overwrite")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--out", default="runs/ufm")
   p.add_argument("--quiet", action="store_true", help="no per-interval progress lines")
   p.add_argument("--no-plot", action="store_true")
+  p.add_argument("--overwrite", action="store_true",
+                 help="run again seeds that finished earlier (default: reuse them)")
   return p
 
 
@@ -108,7 +116,8 @@ def config_from_args(argv: Sequence[str] | None = None) -> UFMConfig:
       optimizer=args.optimizer,
       lr=args.lr if args.lr is not None else (0.01 if args.optimizer == "adam" else 100.0),
       momentum=args.momentum, feature_decay=args.feature_decay, tau=args.tau,
-      eval_every=args.eval_every, out=args.out, quiet=args.quiet, plot=not args.no_plot)
+      eval_every=args.eval_every, out=args.out, quiet=args.quiet, plot=not args.no_plot,
+      overwrite=args.overwrite)
   for name in ("classes", "samples_per_class", "dim", "iterations", "eval_every"):
     if getattr(cfg, name) < 1:
       parser.error(f"--{name.replace('_', '-')}: expected a positive integer, got "
@@ -187,8 +196,10 @@ def run_one(cfg: UFMConfig, method: str, seed: int, log=print) -> dict:
       record["seconds"] = time.perf_counter() - t0
       history.append(record)
       if not cfg.quiet and (it == 1 or it % (cfg.eval_every * 25) == 0 or it == cfg.iterations):
-        log(f"  {method:>11} seed {seed} it {it:5d}: loss {record['loss']:.4f} "
-            f"NC1 {record['nc1']:.2e} NC3 {record['nc3']:.3f} top1 {record['top1']:.1f}%")
+        eta = record["seconds"] / it * (cfg.iterations - it)
+        log(f"  {method:>11} seed {seed} it {it:5d}/{cfg.iterations}: loss "
+            f"{record['loss']:.4f} NC1 {record['nc1']:.2e} NC3 {record['nc3']:.3f} top1 "
+            f"{record['top1']:.1f}%  ({record['seconds']:.0f} s, ETA {eta:.0f} s)")
   return {"history": history, "margins": np.asarray(margins)}
 
 
@@ -201,16 +212,40 @@ def run_dir(cfg: UFMConfig, method: str, seed: int) -> pathlib.Path:
   return pathlib.Path(cfg.out) / method / f"seed-{seed}"
 
 
-def save_run(cfg: UFMConfig, method: str, seed: int, result: dict) -> None:
+def run_config(cfg: UFMConfig, method: str, seed: int) -> dict:
+  """What one run computes: the fields that define it, the method and the seed."""
+  return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_RUN_DEFINING} | {
+      "method": method, "seed": seed}
+
+
+def save_run(run: run_folder.RunFolder, config: dict, result: dict) -> None:
+  """Config, records and margins, then ``done.json`` last (a run without it is not finished)."""
   import numpy as np
-  folder = run_dir(cfg, method, seed)
-  folder.mkdir(parents=True, exist_ok=True)
-  config = dataclasses.asdict(cfg) | {"method": method, "seed": seed}
-  (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-  with open(folder / "metrics.jsonl", "w") as f:
-    for record in result["history"]:
-      f.write(json.dumps(record) + "\n")
-  np.save(folder / "margins.npy", result["margins"])
+  run.path.mkdir(parents=True, exist_ok=True)
+  run_folder.write_json(run.config_path, config)
+  run.write_records(result["history"])
+  tmp = run.margins_path.with_name("margins.tmp.npy")
+  np.save(tmp, result["margins"])
+  tmp.replace(run.margins_path)
+  run.mark_done({"iterations": config["iterations"]})
+
+
+def load_finished(run: run_folder.RunFolder, config: dict) -> dict | None:
+  """A finished run's result if ``run`` finished with this ``config``, else ``None``.
+
+  Raises:
+    ValueError: it finished with another configuration (listed): reusing it would mix runs.
+  """
+  import numpy as np
+  if not run.done_path.exists():
+    return None
+  saved = run_folder.read_json(run.config_path)
+  diff = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in config.items()
+          if saved.get(k) != v]
+  if diff:
+    raise ValueError(f"{run.path}: finished with a different configuration ("
+                     + "; ".join(diff) + "); use --overwrite or another --out")
+  return {"history": run.read_records(), "margins": np.load(run.margins_path)}
 
 
 def first_iteration(history: list[dict], key: str, predicate) -> int | None:
@@ -263,13 +298,17 @@ def plot(cfg: UFMConfig, results: dict[str, list[dict]], path: pathlib.Path) -> 
   import numpy as np
 
   from nc_jax import metrics
-  panels = [("loss", "CE loss", "log"), ("avg_cosine_margin", "average cosine margin", "linear"),
-            (None, "per-sample cosine margin (end)", "linear"), ("nc1", "NC1", "log"),
-            ("nc3", "NC3", "log"), ("wh_equinorm", "WH-equinorm", "log")]
+  # (record key, title, y label, scale); None: the per-sample margins at the end.
+  panels = [("loss", "CE loss", "cross-entropy (train)", "log"),
+            ("avg_cosine_margin", "average cosine margin", "mean cosine margin", "linear"),
+            (None, "per-sample cosine margin (end)", "cosine margin", "linear"),
+            ("nc1", "NC1", "tr(Σ_W Σ_B⁺)/K", "log"),
+            ("nc3", "NC3", "‖W/‖W‖ − M/‖M‖‖²", "log"),
+            ("wh_equinorm", "WH-equinorm", "std/mean of ‖w_k‖, ‖μ_k‖", "log")]
   fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
   colours = {"standard": "tab:blue", "fixed": "tab:orange", "implicit": "tab:green",
              "implicit-fo": "tab:red"}
-  for ax, (key, title, scale) in zip(axes.flat, panels):
+  for ax, (key, title, ylabel, scale) in zip(axes.flat, panels):
     for method, runs in results.items():
       c = colours.get(method)
       if key is None:
@@ -289,11 +328,16 @@ def plot(cfg: UFMConfig, results: dict[str, list[dict]], path: pathlib.Path) -> 
     ax.set_yscale(scale)
     ax.set_title(title)
     ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
   axes.flat[0].legend()
+  n = sorted({len(runs) for runs in results.values()})
   fig.suptitle(f"UFM-{cfg.classes}: N={cfg.classes * cfg.samples_per_class}, d={cfg.dim}, "
                f"{cfg.optimizer} lr={cfg.lr}, tau={cfg.tau}, seeds {list(cfg.seeds)}")
-  fig.tight_layout()
+  fig.text(0.5, 0.005, ("one seed per method" if n == [1] else
+                        f"lines: median over {'/'.join(map(str, n))} seeds; bands: min–max"),
+           ha="center", fontsize=9)
+  fig.tight_layout(rect=(0, 0.02, 1, 1))
   fig.savefig(path, dpi=110)
   plt.close(fig)
 
@@ -304,10 +348,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[dict]]:
   results: dict[str, list[dict]] = {}
   for method in cfg.methods:
     for seed in cfg.seeds:
-      if not cfg.quiet:
-        print(f"{method} seed {seed}:", flush=True)
-      result = run_one(cfg, method, seed, log=lambda s: print(s, flush=True))
-      save_run(cfg, method, seed, result)
+      run = run_folder.RunFolder(run_dir(cfg, method, seed))
+      config = run_config(cfg, method, seed)
+      with run.lock():  # one writer per run folder (run_folder.RunLocked otherwise)
+        result = None if cfg.overwrite else load_finished(run, config)
+        if result is not None:
+          if not cfg.quiet:
+            print(f"{method} seed {seed}: finished earlier, reused ({run.path})", flush=True)
+        else:
+          if not cfg.quiet:
+            print(f"{method} seed {seed}:", flush=True)
+          if run.done_path.exists():
+            run.done_path.unlink()  # being redone: not finished until saved again
+          result = run_one(cfg, method, seed, log=lambda s: print(s, flush=True))
+          save_run(run, config, result)
       results.setdefault(method, []).append(result)
   print(summary(cfg, results))
   if cfg.plot:

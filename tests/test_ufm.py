@@ -31,6 +31,33 @@ def test_short_run_writes_records_figure_and_summary(tmp_path, capsys):
   assert results["implicit"][0]["history"][-1]["nc2_etf"] < 1e-5
 
 
+def test_finished_seeds_are_reused_and_changed_settings_refused(tmp_path, capsys):
+  """Like the image sweeps: a re-run reuses finished seeds (identical results, no retraining),
+  runs the missing ones, refuses a finished folder with other settings, and --overwrite
+  trains again."""
+  out = str(tmp_path / "ufm")
+  argv = ["--iterations", "20", "--eval-every", "10", "--methods", "implicit", "--out", out,
+          "--no-plot"]
+  first = ufm.main(argv + ["--seeds", "1"])
+  capsys.readouterr()
+  again = ufm.main(argv + ["--seeds", "1-2"])
+  text = capsys.readouterr().out
+  assert "implicit seed 1: finished earlier, reused" in text
+  assert "implicit seed 2: finished earlier" not in text
+  assert again["implicit"][0]["history"] == first["implicit"][0]["history"]
+  np.testing.assert_array_equal(again["implicit"][0]["margins"], first["implicit"][0]["margins"])
+  with pytest.raises(ValueError, match=r"seed-1: finished with a different configuration "
+                     r"\(lr: saved 0.01, now 0.02\); use --overwrite"):
+    ufm.main(argv + ["--seeds", "1", "--lr", "0.02"])
+  redone = ufm.main(argv + ["--seeds", "1", "--lr", "0.02", "--overwrite"])
+  assert redone["implicit"][0]["history"] != first["implicit"][0]["history"]
+  # A run that did not finish (no done.json) is run again, never reused.
+  (tmp_path / "ufm" / "implicit" / "seed-2" / "done.json").unlink()
+  capsys.readouterr()
+  ufm.main(argv + ["--seeds", "2"])
+  assert "finished earlier" not in capsys.readouterr().out
+
+
 def test_nc1_first_iteration_and_summary_markers():
   history = [{"iteration": 1, "nc1": 1.0}, {"iteration": 10, "nc1": 0.05},
              {"iteration": 20, "nc1": 0.005}]
