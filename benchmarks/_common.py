@@ -375,21 +375,6 @@ def time_state_steps_interleaved(
   return timings, states
 
 
-def time_state_steps(fn: Callable[..., Any], state: Any, args: Sequence[Any],
-                     policy: RepeatPolicy, warmup_calls: int = 1,
-                     back_to_back: bool = True) -> tuple[StepTiming, Any]:
-  """:func:`time_state_steps_interleaved` for one step: ``warmup_calls`` calls, then
-  ``policy.count(last warm-up time)`` timed calls, each blocked on, then optionally as
-  many back to back.
-
-  Returns:
-    The timing and the final state.
-  """
-  (timing,), (state,) = time_state_steps_interleaved([(fn, state, args)], policy,
-                                                     warmup_calls, back_to_back)
-  return timing, state
-
-
 # --------------------------------------------------------------------------- #
 # Output
 # --------------------------------------------------------------------------- #

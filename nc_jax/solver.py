@@ -311,11 +311,6 @@ def _procrustes_target(y: jax.Array, prox: jax.Array, delta: float) -> jax.Array
   return c * centre_columns(y) + delta * prox
 
 
-def _riemannian_grad(x: jax.Array, b: jax.Array) -> jax.Array:
-  """Riemannian gradient of f(X) = const − tr(XᵀB) on St(d,K): X·sym(XᵀB) − B."""
-  return mm(x, sym(mtm(x, b))) - b
-
-
 @jax.jit
 def _feasible_point(y: jax.Array) -> jax.Array:
   """Closed-form feasibility minimiser nearest I_{d,K} (paper-notes §1.4)."""
@@ -556,10 +551,10 @@ def _rgd(b: jax.Array, x0: jax.Array, tol: float, max_iterations: int):
     g_sq = jnp.vdot(g, g)
     t, x_new, ok = line_search(x, g, g_sq, t0)
     x_next = jnp.where(ok, x_new, x)
-    g_next = jnp.where(ok, _riemannian_grad(x_new, b), g)
+    g_next = jnp.where(ok, stiefel.riemannian_gradient(x_new, -b), g)
     return x_next, g_next, x, g, t, it + 1, ~ok
 
-  g0 = _riemannian_grad(x0, b)
+  g0 = stiefel.riemannian_gradient(x0, -b)
   init = (x0, g0, x0, g0, t_first.astype(dtype), jnp.zeros((), jnp.int32), jnp.zeros((), bool))
   x, g, _, _, _, it, _ = lax.while_loop(cond, body, init)
   return jnp.where(solvable, x, jnp.full_like(x, jnp.nan)), it
@@ -576,7 +571,7 @@ def _forward(config: _Config, y: jax.Array, prox: jax.Array):
     x, iterations = _rgd(b, prox, config.tol, config.max_iterations)
     out = _direct(x, iterations)
     converged = iterations < config.max_iterations
-  grad_norm = jnp.linalg.norm(_riemannian_grad(out.p, b))
+  grad_norm = jnp.linalg.norm(stiefel.riemannian_gradient(out.p, -b))
   converged = converged & jnp.isfinite(grad_norm)  # a non-finite result is never converged
   return (out.p, out.iterations, grad_norm, out.residual, converged), (out.p, b, out.backward)
 
