@@ -174,8 +174,10 @@ def _state_digest(state: Any) -> str | None:
     if isinstance(leaf, jax.Array):
       if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
         leaf = jax.random.key_data(leaf)
-      if not leaf.is_fully_addressable and not leaf.is_fully_replicated:
-        return None
+      if not leaf.is_fully_addressable:
+        if not leaf.is_fully_replicated:
+          return None
+        leaf = leaf.addressable_data(0)  # several hosts: this process's full copy
     a = np.ascontiguousarray(np.asarray(jax.device_get(leaf)))
     h.update(f"{a.dtype.str}{a.shape};".encode())
     h.update(a.reshape(-1).view(np.uint8))
