@@ -31,6 +31,7 @@ import fcntl
 import json
 import os
 import pathlib
+import platform
 import socket
 import warnings
 from typing import Any, Iterator
@@ -212,3 +213,25 @@ def check_same_run(folder: RunFolder, config: dict) -> None:
   if diff:
     raise ValueError(f"{folder.path}: --resume with a different configuration ("
                      + "; ".join(diff) + "); use the saved one or --overwrite")
+
+
+def versions() -> dict[str, str]:
+  """Versions of Python and of the packages a run's numbers depend on."""
+  import importlib.metadata as md
+  out = {"python": platform.python_version()}
+  for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy"):
+    try:
+      out[name] = md.version(name)
+    except md.PackageNotFoundError:
+      pass
+  return out
+
+
+def machine_description() -> str:
+  """Devices, processes and host of this run, one line."""
+  import jax
+  devs = jax.devices()
+  kinds = sorted({d.device_kind for d in devs})
+  return (f"{len(devs)}× {'/'.join(kinds)} ({jax.default_backend()}), "
+          f"{jax.process_count()} process(es), host {platform.machine()} "
+          f"{os.cpu_count()} CPUs")

@@ -144,6 +144,7 @@ def run_one(cfg: UFMConfig, method: str, seed: int, log=print) -> dict:
   import optax
 
   from nc_jax import heads, metrics, train
+  from nc_jax.evaluate import nc_evaluate
 
   k, n, d = cfg.classes, cfg.classes * cfg.samples_per_class, cfg.dim
   kind = "implicit" if method.startswith("implicit") else method
@@ -178,9 +179,8 @@ def run_one(cfg: UFMConfig, method: str, seed: int, log=print) -> dict:
     return params, opt_state, new_head, loss, heads.unconverged_solves(new_head)
 
   def evaluate(it, loss):
-    h = heads.normalise_features(params["features"], cfg.tau)
-    w, b = heads.classifier(head_cfg, params["head"], head_state, jnp.mean(h, axis=0))
-    m = metrics.nc_metrics(h, labels, w, b, k)
+    h = np.asarray(heads.normalise_features(params["features"], cfg.tau))
+    m = nc_evaluate(h, np.asarray(labels), head_cfg, params["head"], head_state)
     record = {"iteration": it, "loss": float(loss)}
     record.update({key: m[key] for key in metrics.METRIC_KEYS})
     return record, m["cosine_margins"]

@@ -165,7 +165,7 @@ def fit(state: train.TrainState, train_data: DeviceData | StreamingLoader, *,
         stratified: bool = False, eval_data: DeviceData | StreamingLoader | None = None, eval_every: int = 1, mesh=None,
         checkpointer: Checkpointer | None = None, checkpoint_every: int = 1,
         position: dict | None = None, max_steps: int | None = None,
-        on_epoch: Callable[[dict], None] | None = None,
+        on_epoch: Callable[[dict, train.TrainState], None] | None = None,
         on_step: Callable[[int, int], None] | None = None) -> FitResult:
   """Trains from ``position`` (default: the start) to the end of ``epochs``.
 
@@ -184,7 +184,8 @@ def fit(state: train.TrainState, train_data: DeviceData | StreamingLoader, *,
       stopped (SIGINT/SIGTERM or ``max_steps``).
     position: ``{"epoch": e, "batch": i}`` to resume at.
     max_steps: stop (and checkpoint) after this many steps of this call.
-    on_epoch: called with each epoch's record (for logging/progress).
+    on_epoch: called with each epoch's record and the state at its end, ``(record, state)``
+      (logging, progress, evaluating the state: the NC pass of the image runner).
     on_step: called with ``(epoch, batch)`` after each dispatched step.
 
   Returns:
@@ -235,7 +236,7 @@ def fit(state: train.TrainState, train_data: DeviceData | StreamingLoader, *,
         record["eval"] = evaluate(eval_fn, state, eval_data, batch_size, mesh)
       history.append(record)
       if on_epoch is not None:
-        on_epoch(record)
+        on_epoch(record, state)
       if checkpointer is not None and ((epoch + 1) % checkpoint_every == 0 or last):
         checkpointer.save(int(state.step), state, {"epoch": epoch + 1, "batch": 0})
   if checkpointer is not None:

@@ -14,7 +14,9 @@ import sys
 import numpy as np
 import pytest
 
+from experiments import cli as cli_lib
 from experiments import image, report
+from nc_jax.data.subsets import balanced_subset
 
 SMOKE = ["--source", "synthetic", "--num-examples", "64", "--batch-size", "32", "--epochs", "2",
          "--nc-every", "1", "--devices", "1", "--quiet", "--checkpoint-every", "1"]
@@ -35,7 +37,7 @@ def without_timings(record):
 
 
 def test_overrides_reach_the_train_config():
-  options, cfg = image.parse_args("cifar10", [
+  options, cfg = cli_lib.parse_args("cifar10", [
       "--method", "implicit", "--epochs", "20", "--seed", "3", "--model", "vgg13",
       "--optimizer", "sgd", "--lr", "0.05", "--devices", "all", "--affine", "--no-stratified",
       "--tau", "2.5", "--factorisation", "eigh", "--out", "elsewhere"])
@@ -45,38 +47,38 @@ def test_overrides_reach_the_train_config():
       "cifar10", "vgg13", "sgd", 0.05, 20)
   assert cfg.affine is True and cfg.stratified is False and cfg.tau == 2.5
   assert cfg.factorisation == "eigh"
-  run_cfg = image.config_for(cfg, "implicit-fo", 4)
+  run_cfg = cli_lib.config_for(cfg, "implicit-fo", 4)
   assert (run_cfg.method, run_cfg.forward_only, run_cfg.seed) == ("implicit", True, 4)
 
 
 def test_defaults_are_the_paper_recipe():
-  options, cfg = image.parse_args("mnist", [])
+  options, cfg = cli_lib.parse_args("mnist", [])
   assert options.methods == ("standard", "fixed", "implicit") and options.seeds == (1,)
   assert (cfg.dataset, cfg.model, cfg.stem, cfg.optimizer, cfg.batch_size, cfg.epochs,
           cfg.tau, cfg.affine) == ("mnist", "resnet18", "imagenet", "agd", 256, 200, 5.0, False)
-  assert image.config_for(cfg, "implicit", 1).use_stratified
-  assert not image.config_for(cfg, "standard", 1).use_stratified
-  imagenet = image.parse_args("imagenet", [])[1]
+  assert cli_lib.config_for(cfg, "implicit", 1).use_stratified
+  assert not cli_lib.config_for(cfg, "standard", 1).use_stratified
+  imagenet = cli_lib.parse_args("imagenet", [])[1]
   assert (imagenet.dataset, imagenet.model) == ("imagenet2012", "resnet50")   # d >= K = 1000
 
 
 def test_every_train_config_field_is_a_flag():
-  parser = image.build_parser("cifar100")
+  parser = cli_lib.build_parser("cifar100")
   dests = {a.dest for a in parser._actions}
-  for field in dataclasses.fields(image.config_lib.TrainConfig):
+  for field in dataclasses.fields(cli_lib.config_lib.TrainConfig):
     if field.name not in ("dataset", "method", "seed", "forward_only"):
       assert field.name in dests, field.name
 
 
 def test_seed_and_method_lists():
-  assert image.parse_seeds("1-5") == (1, 2, 3, 4, 5)
-  assert image.parse_seeds("1,4,4,7") == (1, 4, 7)
-  assert image.parse_methods("standard, implicit-fo") == ("standard", "implicit-fo")
+  assert cli_lib.parse_seeds("1-5") == (1, 2, 3, 4, 5)
+  assert cli_lib.parse_seeds("1,4,4,7") == (1, 4, 7)
+  assert cli_lib.parse_methods("standard, implicit-fo") == ("standard", "implicit-fo")
   for bad in ("5-1", "a", "1-b", ""):
     with pytest.raises(ValueError, match="--seeds"):
-      image.parse_seeds(bad)
+      cli_lib.parse_seeds(bad)
   with pytest.raises(ValueError, match="unknown: etf"):
-    image.parse_methods("standard,etf")
+    cli_lib.parse_methods("standard,etf")
 
 
 @pytest.mark.parametrize("argv, expected", [
@@ -94,7 +96,7 @@ def test_seed_and_method_lists():
 ])
 def test_bad_flags_fail_clearly(capsys, argv, expected):
   with pytest.raises(SystemExit) as err:
-    image.parse_args("cifar10", argv)
+    cli_lib.parse_args("cifar10", argv)
   assert err.value.code == 2
   assert re.search(expected, capsys.readouterr().err)
 
@@ -132,20 +134,20 @@ def test_cli_reports_missing_data_without_traceback(tmp_path):
 
 def test_balanced_subset():
   labels = np.repeat(np.arange(4), [10, 10, 10, 3])
-  ids = image.balanced_subset(labels, 14, 4)
+  ids = balanced_subset(labels, 14, 4)
   counts = np.bincount(labels[ids], minlength=4)
   assert counts.tolist() == [4, 4, 3, 3] and np.all(np.diff(ids) > 0)
-  assert image.balanced_subset(labels, 100, 4) is None
-  np.testing.assert_array_equal(ids, image.balanced_subset(labels, 14, 4))   # fixed
+  assert balanced_subset(labels, 100, 4) is None
+  np.testing.assert_array_equal(ids, balanced_subset(labels, 14, 4))   # fixed
 
 
 def test_select_devices():
   import jax
-  assert len(image.select_devices("all")) == jax.device_count()
-  assert image.select_devices("2") == jax.devices()[:2]
-  assert image.select_devices("3,1") == [jax.devices()[3], jax.devices()[1]]
+  assert len(cli_lib.select_devices("all")) == jax.device_count()
+  assert cli_lib.select_devices("2") == jax.devices()[:2]
+  assert cli_lib.select_devices("3,1") == [jax.devices()[3], jax.devices()[1]]
   with pytest.raises(ValueError, match="only"):
-    image.select_devices(str(jax.device_count() + 1))
+    cli_lib.select_devices(str(jax.device_count() + 1))
 
 
 # --------------------------------------------------------------------------- #

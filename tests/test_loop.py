@@ -70,7 +70,7 @@ def test_fit_runs_epochs_and_reports(tmp_path):
   state, steps, data = make_run()
   records = []
   with Checkpointer(tmp_path / "ck", keep=2) as ck:
-    out = run(state, steps, data, checkpointer=ck, on_epoch=records.append)
+    out = run(state, steps, data, checkpointer=ck, on_epoch=lambda record, state: records.append(record))
     assert ck.all_steps() == [6, 9]                       # keep-2 of epochs 1..3 (3 steps each)
   assert not out.stopped and out.position == {"epoch": 3, "batch": 0}
   assert [r["epoch"] for r in out.history] == [1, 2, 3] and records == out.history
