@@ -81,7 +81,7 @@ def measure(d: int, k: int, delta: float, kind: str, seed: int) -> dict:
 
   want_p = np.asarray(nearest_etf(y, prox, delta=delta))
   want_g = np.asarray(grad(y, prox, g, "svd"))
-  sv = np.linalg.svd(np.asarray(solver._procrustes_target(y, prox, delta)), compute_uv=False)
+  sv = np.linalg.svd(np.asarray(solver.procrustes_target(y, prox, delta)), compute_uv=False)
   row = {"d": d, "K": k, "delta": delta, "kind": kind, "seed": seed,
          "kappa": float(sv[0] / sv[-1]), "sigma_min_over_delta": float(sv[-1] / delta)}
   y32, prox32, g32 = (a.astype(jnp.float32) for a in (y, prox, g))

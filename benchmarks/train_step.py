@@ -439,7 +439,7 @@ def run_pipeline(examples: int, batch_sizes: Sequence[int], policy: common.Repea
 
   @jax.jit
   def one_batch(images, labels, idx, rng, step):
-    # As nc_jax.loop._data_step: augmentation key fold_in(fold_in(rng, 1), step).
+    # As the data step of nc_jax.loop: augmentation key fold_in(fold_in(rng, 1), step).
     key = jax.random.fold_in(jax.random.fold_in(rng, 1), step)
     x, y = batching.make_batch(images, labels, idx, key, spec, True)
     return x, y, step + 1

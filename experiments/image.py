@@ -127,7 +127,7 @@ def _feature_batches(compiled: _Compiled, state, split_data, labels, ids, batch_
     if ids is not None:
       plan = np.where(plan >= 0, np.asarray(ids, np.int32)[np.maximum(plan, 0)], -1)
     for row in plan:
-      yield compiled.features(state, images, dev_labels, loop._place(row, mesh))
+      yield compiled.features(state, images, dev_labels, loop.place_indices(row, mesh))
 
 
 def nc_pass(compiled: _Compiled, state, split_data, labels, ids, batch_size, mesh, data: Data

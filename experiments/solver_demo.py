@@ -32,7 +32,7 @@ from nc_jax import solver
 
 def _naive_polar(y, prox, delta):
   """Polar factor differentiated by autodiff through the SVD (what nc_jax avoids)."""
-  u, _, vt = jnp.linalg.svd(solver._procrustes_target(y, prox, delta), full_matrices=False)
+  u, _, vt = jnp.linalg.svd(solver.procrustes_target(y, prox, delta), full_matrices=False)
   return u @ vt
 
 
@@ -61,7 +61,7 @@ def collapse_path(args) -> None:
     p = nc.nearest_etf(y, prox, delta=delta)
     start = nc.feasibility_solution(y) if prox is None else prox
     p_rgd, info = nc.nearest_etf(y, start, delta=delta, method="rgd", return_info=True)
-    sv = np.linalg.svd(np.asarray(solver._procrustes_target(y, start, delta)), compute_uv=False)
+    sv = np.linalg.svd(np.asarray(solver.procrustes_target(y, start, delta)), compute_uv=False)
     grad = jax.grad(loss)(y, start)
     naive = jax.grad(naive_loss)(y, start)
     naive_txt = (f"{float(jnp.linalg.norm(naive)):.3e}" if bool(jnp.all(jnp.isfinite(naive)))

@@ -109,7 +109,7 @@ def _batches(data, state, epoch, start, batch_size, stratified, num_classes, mes
     plan = epoch_plan(state, data.labels, epoch, batch_size, stratified, num_classes)
   else:
     plan, _ = batching.eval_indices(int(data.labels.shape[0]), batch_size)
-  rows = ((b, (data.images, data.labels, _place(plan[b], mesh)))
+  rows = ((b, (data.images, data.labels, place_indices(plan[b], mesh)))
           for b in range(start, plan.shape[0]))
   return rows, plan.shape[0]
 
@@ -134,7 +134,7 @@ def evaluate(eval_fn: Callable, state: train.TrainState, data: Any, batch_size: 
   return train.summarise(total)
 
 
-def _place(idx_row, mesh):
+def place_indices(idx_row, mesh):
   """A global index row as the step's sharded input; each process passes its own slice."""
   if mesh is None:
     return jnp.asarray(idx_row)

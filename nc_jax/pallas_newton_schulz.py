@@ -30,7 +30,7 @@ float32 rounding (only the summation order inside products differs):
   (S^{-1}1)1^T/K` and :math:`P\Omega' + (\bar G - PA)S^{-1}`, in one launch.
 * :func:`polar_factor` is :math:`B \mapsto \mathrm{polar}(B)` with a ``custom_vjp``
   through :func:`polar` and :func:`polar_vjp`: what the solver's ``"newton_schulz"`` path
-  computes, ready for ``solver._solve`` to call on GPUs when K is small.
+  computes; the solver calls it on NVIDIA GPUs when K is small.
 
 Limits. K ≤ :data:`MAX_COLUMNS` and :math:`d_pK_p \le` :data:`MAX_BLOCK` (shared memory
 of one block); larger problems belong to the XLA path, whose GEMMs use the whole GPU.

@@ -304,8 +304,10 @@ def feasibility_solution(means: jax.Array) -> jax.Array:
 # --------------------------------------------------------------------------- #
 
 
-def _procrustes_target(y: jax.Array, prox: jax.Array, delta: float) -> jax.Array:
-  """B = c·Ȳ·M + δ·P_prev, the matrix whose polar factor is the solution."""
+def procrustes_target(y: jax.Array, prox: jax.Array, delta: float) -> jax.Array:
+  r""":math:`B = c\bar YM + \delta P_{prev}` (:math:`c = 2/\sqrt{K-1}`), the matrix whose
+  polar factor is the nearest ETF (module docstring). Shapes ``(d, K)``; public for studies
+  of the problem's conditioning (its singular values: ``benchmarks.solver_accuracy``)."""
   k = y.shape[-1]
   c = 2.0 / jnp.sqrt(jnp.asarray(k - 1.0, y.dtype))
   return c * centre_columns(y) + delta * prox
@@ -562,7 +564,7 @@ def _rgd(b: jax.Array, x0: jax.Array, tol: float, max_iterations: int):
 
 def _forward(config: _Config, y: jax.Array, prox: jax.Array):
   """Outputs ``(P, iterations, grad_norm, residual, converged)``; residuals for the VJP."""
-  b = _procrustes_target(y, prox, config.delta)
+  b = procrustes_target(y, prox, config.delta)
   if config.method == "polar":
     out = _POLAR[config.factorisation](b, config.delta)
     converged = (newton_schulz.converged(out.residual) if config.matmul_only

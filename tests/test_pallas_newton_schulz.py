@@ -31,7 +31,7 @@ def target(d, k, delta, seed=0):
   y_prev = solver.normalise_means(y + 1e-3 * noise / jnp.linalg.norm(noise))
   prox = solver.nearest_etf(y_prev, solver.feasibility_solution(y_prev), delta=delta,
                             factorisation="svd")
-  return solver._procrustes_target(y, prox, delta).astype(jnp.float32), y, prox
+  return solver.procrustes_target(y, prox, delta).astype(jnp.float32), y, prox
 
 
 def polar64(b):
