@@ -879,12 +879,12 @@ def _build_step(program: Program, topo) -> tuple[Callable, tuple, dict[str, Any]
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from jax.sharding import SingleDeviceSharding  # pylint: disable=import-outside-toplevel
   from benchmarks import train_step as bench  # pylint: disable=import-outside-toplevel
-  from nc_jax import heads, train  # pylint: disable=import-outside-toplevel
+  from nc_jax import train  # pylint: disable=import-outside-toplevel
 
-  model = bench.PAPER_RESNET18.create()
-  head_config = heads.HeadConfig(num_classes=program.k, feature_dim=model.feature_dim,
-                                 tau=bench.TAU, **bench.HEAD_VARIANTS[program.head])
-  tx, init_params = bench.make_tx("agd", head_config.kind)
+  cfg = bench.PAPER_RESNET18.run_config(program.head, "agd")
+  model = cfg.backbone()
+  head_config = cfg.head_config(program.k, model.feature_dim)
+  tx, init_params = cfg.optimizer_transform(steps_per_epoch=1), cfg.init_params()
   if program.devices == 1:
     mesh = None
     rep = data = SingleDeviceSharding(topo.devices[0])

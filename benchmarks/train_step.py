@@ -92,10 +92,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import sys
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from benchmarks import set_thread_defaults
 
@@ -106,22 +105,27 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import _common as common  # noqa: E402
-from nc_jax import heads, models, optim, train  # noqa: E402
+from nc_jax import train  # noqa: E402
+from nc_jax.config import METHOD_VARIANTS, METHODS, TrainConfig  # noqa: E402
 from nc_jax.data import batching, registry  # noqa: E402
 
-# Head variants: name -> HeadConfig keyword arguments (besides K and d).
+# Head variants: name -> the TrainConfig head fields that make it: the methods of
+# nc_jax.config.METHOD_VARIANTS, then the implicit head with each factorisation and solver.
 HEAD_VARIANTS: dict[str, dict[str, Any]] = {
-    "standard": {"kind": "standard"},
-    "fixed": {"kind": "fixed"},
-    "implicit": {"kind": "implicit"},
-    "implicit-fo": {"kind": "implicit", "forward_only": True},
-    "implicit-svd": {"kind": "implicit", "factorisation": "svd"},
-    "implicit-eigh": {"kind": "implicit", "factorisation": "eigh"},
-    "implicit-qdwh": {"kind": "implicit", "factorisation": "qdwh"},
-    "implicit-ns": {"kind": "implicit", "factorisation": "newton_schulz"},
-    "implicit-rgd": {"kind": "implicit", "method": "rgd"},
+    **{name: {"head": v.head, "forward_only": v.forward_only}
+       for name, v in METHOD_VARIANTS.items()},
+    "implicit-svd": {"head": "implicit", "factorisation": "svd"},
+    "implicit-eigh": {"head": "implicit", "factorisation": "eigh"},
+    "implicit-qdwh": {"head": "implicit", "factorisation": "qdwh"},
+    "implicit-ns": {"head": "implicit", "factorisation": "newton_schulz"},
+    "implicit-rgd": {"head": "implicit", "solver": "rgd"},
 }
-DEFAULT_HEADS = ("standard", "fixed", "implicit", "implicit-fo")
+# --optimizer -> the TrainConfig optimiser fields.
+OPTIMIZERS: dict[str, dict[str, Any]] = {
+    "agd": {"optimizer": "agd"},
+    "sgd": {"optimizer": "sgd", "learning_rate": 0.05, "momentum": 0.9, "weight_decay": 5e-4},
+}
+DEFAULT_HEADS = METHODS
 BASELINE = "standard"
 DEFAULT_BATCHES = (128, 256)
 DEFAULT_CLASSES = (10, 100)
@@ -154,39 +158,32 @@ TARGET_PEAK_FRACTION = 0.30
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelSpec:
-  """A backbone by registry name and fields, with a label for the report."""
-  name: str
-  kwargs: tuple[tuple[str, Any], ...]
+class BenchModel:
+  """A backbone as :class:`nc_jax.config.TrainConfig` fields (``model``, ``stem``, ``affine``,
+  ``compute_dtype``, ``width``), with a label for the report: the benchmarks build models,
+  heads and optimisers exactly as a training run does."""
+  config: TrainConfig
   label: str
 
   def create(self):
-    return models.create(self.name, **dict(self.kwargs))
+    return self.config.backbone()
+
+  def run_config(self, head: str, optimizer: str) -> TrainConfig:
+    """The TrainConfig of a benchmarked step: this backbone, the head variant
+    (:data:`HEAD_VARIANTS`) and the optimiser (:data:`OPTIMIZERS`), τ = :data:`TAU`."""
+    return dataclasses.replace(self.config, tau=TAU, **HEAD_VARIANTS[head],
+                               **OPTIMIZERS[optimizer]).validate()
 
 
-PAPER_RESNET18 = ModelSpec("resnet18", (("stem", "imagenet"), ("affine", False)),
-                           "ResNet18 (paper: ImageNet stem, affine=False), float32")
-CIFAR_RESNET18_BF16 = ModelSpec(
-    "resnet18", (("stem", "cifar"), ("affine", False), ("dtype", jnp.bfloat16)),
+PAPER_RESNET18 = BenchModel(TrainConfig(model="resnet18", stem="imagenet", affine=False),
+                            "ResNet18 (paper: ImageNet stem, affine=False), float32")
+CIFAR_RESNET18_BF16 = BenchModel(
+    TrainConfig(model="resnet18", stem="cifar", affine=False, compute_dtype="bfloat16"),
     "ResNet18 (CIFAR stem, affine=False), bf16 compute / float32 params")
-_MLP = (("widths", (64, 64)), ("use_bn", True), ("use_bias", False), ("affine", False))
-QUICK_MLP = ModelSpec("mlp", _MLP, "MLP 3072-64-64 (BN, no bias), float32")
-QUICK_MLP_BF16 = ModelSpec("mlp", _MLP + (("dtype", jnp.bfloat16),),
-                           "MLP 3072-64-64 (BN, no bias), bf16 compute / float32 params")
-
-
-def _torch_layout(kind: str) -> Callable[[str], bool] | None:
-  """The standard head's classifier is stored (K, d), PyTorch layout (for AGD)."""
-  return (lambda path: path.startswith("head/")) if kind == "standard" else None
-
-
-def make_tx(optimizer: str, head_kind: str):
-  """(optax transformation, init_params or None) for ``--optimizer``."""
-  if optimizer == "agd":
-    layout = _torch_layout(head_kind)
-    return optim.agd(torch_layout=layout), functools.partial(optim.agd_init,
-                                                             torch_layout=layout)
-  return optim.make_optimizer("sgd", learning_rate=0.05, momentum=0.9, weight_decay=5e-4), None
+QUICK_MLP = BenchModel(TrainConfig(model="mlp", width=64),
+                       "MLP 3072-64-64 (no bias), float32")
+QUICK_MLP_BF16 = BenchModel(TrainConfig(model="mlp", width=64, compute_dtype="bfloat16"),
+                            "MLP 3072-64-64 (no bias), bf16 compute / float32 params")
 
 
 def make_batch_data(batch: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -243,14 +240,16 @@ class PreparedStep:
   batch: tuple[jax.Array, jax.Array]
 
 
-def prepare_step(spec: ModelSpec, head_config: heads.HeadConfig, optimizer: str, batch: int,
-                 mesh, seed: int) -> PreparedStep:
-  """Builds a fresh state and compiles the state-donating train step ahead of time."""
-  model = spec.create()
-  tx, init_params = make_tx(optimizer, head_config.kind)
-  x, y = make_batch_data(batch, head_config.num_classes, seed)
+def prepare_step(cfg: TrainConfig, num_classes: int, batch: int, mesh,
+                 seed: int) -> PreparedStep:
+  """Builds the run's model, head and optimiser from ``cfg``, a fresh state, and compiles the
+  state-donating train step ahead of time."""
+  model = cfg.backbone()
+  tx = cfg.optimizer_transform(steps_per_epoch=1)
+  head_config = cfg.head_config(num_classes, model.feature_dim)
+  x, y = make_batch_data(batch, num_classes, seed)
   state = train.create_train_state(model, tx, head_config, jax.random.key(seed),
-                                   jnp.asarray(x[:2]), init_params=init_params)
+                                   jnp.asarray(x[:2]), init_params=cfg.init_params())
   if mesh is None:
     x, y = jnp.asarray(x), jnp.asarray(y)
   else:
@@ -307,17 +306,15 @@ class HeadResult:
             "ratio_to_standard_min": self.ratio_min, "head_overhead": self.overhead}
 
 
-def run_heads(spec: ModelSpec, head_names: Sequence[str], classes: Sequence[int],
+def run_heads(spec: BenchModel, head_names: Sequence[str], classes: Sequence[int],
               batches: Sequence[int], optimizer: str, mesh, policy, warmup_steps: int,
               seed: int) -> list[HeadResult]:
-  d = spec.create().feature_dim
   results = []
   for k in classes:
     for b in batches:
       prepared = []
       for name in head_names:
-        cfg = heads.HeadConfig(num_classes=k, feature_dim=d, tau=TAU, **HEAD_VARIANTS[name])
-        prepared.append(prepare_step(spec, cfg, optimizer, b, mesh, seed))
+        prepared.append(prepare_step(spec.run_config(name, optimizer), k, b, mesh, seed))
       group = [HeadResult(k, b, name, m)
                for name, m in zip(head_names, measure_steps(prepared, policy, warmup_steps))]
       del prepared
@@ -381,11 +378,11 @@ class ThroughputResult:
             "peak_fraction": self.peak_fraction}
 
 
-def run_throughput(spec: ModelSpec, batch: int, optimizer: str, mesh, policy, warmup_steps,
+def run_throughput(spec: BenchModel, batch: int, optimizer: str, mesh, policy, warmup_steps,
                    seed: int, nominal_flop_per_image: float | None, peak: float | None,
                    peak_source: str) -> ThroughputResult:
-  cfg = heads.HeadConfig("standard", THROUGHPUT_CLASSES, spec.create().feature_dim, tau=TAU)
-  (m,) = measure_steps([prepare_step(spec, cfg, optimizer, batch, mesh, seed)], policy,
+  cfg = spec.run_config("standard", optimizer)
+  (m,) = measure_steps([prepare_step(cfg, THROUGHPUT_CLASSES, batch, mesh, seed)], policy,
                        warmup_steps)
   r = ThroughputResult(spec.label, batch, m, nominal_flop_per_image, peak, peak_source)
   _log(f"[throughput B={batch}] {_num(r.images_per_s)} images/s "

@@ -14,9 +14,7 @@ from typing import Any, Sequence
 
 from nc_jax import config as config_lib
 from nc_jax import solver as solver_lib
-
-# The paper's three heads and the forward-only ablation of the implicit one.
-METHODS = ("standard", "fixed", "implicit", "implicit-fo")
+from nc_jax.config import METHOD_VARIANTS, METHODS
 
 
 def parse_methods(text: str) -> tuple[str, ...]:
@@ -80,7 +78,7 @@ _CHOICES = {
 }
 # TrainConfig fields that are not flags: the preset fixes the dataset; method and seed come
 # from --method(s)/--seed(s) (the forward-only ablation is the method "implicit-fo").
-_NOT_FLAGS = ("dataset", "method", "seed", "forward_only")
+_NOT_FLAGS = ("dataset", "head", "seed", "forward_only")
 _ALIASES = {"learning_rate": ("--lr",)}
 _HELP = {
     "source": "tfds (prepared tensorflow-datasets), idx (MNIST-format files in --data-path), "
@@ -278,9 +276,11 @@ def parse_args(experiment: str, argv: Sequence[str] | None = None
 
 
 def config_for(base: config_lib.TrainConfig, method: str, seed: int) -> config_lib.TrainConfig:
-  """The run's TrainConfig: ``implicit-fo`` is the implicit head with ``forward_only``."""
-  kind = "implicit" if method == "implicit-fo" else method
-  return dataclasses.replace(base, method=kind, forward_only=method == "implicit-fo", seed=seed)
+  """The run's TrainConfig: the method's head and forward-only flag
+  (:data:`nc_jax.config.METHOD_VARIANTS`), and the seed."""
+  variant = METHOD_VARIANTS[method]
+  return dataclasses.replace(base, head=variant.head, forward_only=variant.forward_only,
+                             seed=seed)
 
 
 def select_devices(text: str) -> list:

@@ -41,9 +41,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-METHODS = ("standard", "fixed", "implicit", "implicit-fo")
-COLOURS = {"standard": "tab:blue", "fixed": "tab:orange", "implicit": "tab:green",
-           "implicit-fo": "tab:red"}
+from nc_jax.config import METHOD_VARIANTS, METHODS
+
 #: NC metrics of the final-NC table (``top1`` there is the un-augmented NC-pass accuracy).
 NC_KEYS = ("top1", "nc1", "nc2_etf", "nc2_equinorm_w", "wh_equinorm", "nc3", "ncc_mismatch",
            "avg_cosine_margin")
@@ -113,6 +112,13 @@ def _warn_stderr(message: str) -> None:
 def _train_config(config: dict) -> dict:
   tc = config.get("train_config")
   return tc if isinstance(tc, dict) else {}
+
+
+def colour(method: str) -> str | None:
+  """The method's colour in every figure (:data:`nc_jax.config.METHOD_VARIANTS`); ``None``
+  (matplotlib's cycle) for a method outside the table."""
+  variant = METHOD_VARIANTS.get(method)
+  return variant.colour if variant else None
 
 
 def method_order(method: str) -> tuple:
@@ -542,7 +548,7 @@ def plot_metrics(runs: dict[str, list[Run]], path: str | pathlib.Path,
   fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.8 * nrows), squeeze=False)
   for ax, (key, label, scale) in zip(axes.flat, panels):
     for method, (x, med, lo, hi) in series[key].items():
-      c = COLOURS.get(method)
+      c = colour(method)
       # Markers: NC metrics exist every few epochs only, and a single point needs one.
       ax.plot(x, med, color=c, label=method, marker="." if len(x) < 40 else None)
       band = np.isfinite(lo) & np.isfinite(hi)
@@ -598,7 +604,7 @@ def plot_margins(runs: dict[str, list[Run]], path: str | pathlib.Path,
 
   fig, ax = plt.subplots(figsize=(6.5, 4.5))
   for method, (x, med, lo, hi) in curves.items():
-    c = COLOURS.get(method)
+    c = colour(method)
     n = sum(r.margins is not None for r in runs[method])
     ax.plot(x, med, color=c, label=f"{method} ({n} seeds)")
     ax.fill_between(x, lo, hi, color=c, alpha=0.2, linewidth=0)

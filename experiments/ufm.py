@@ -37,7 +37,8 @@ import time
 from typing import Sequence
 
 from experiments import run_folder
-from experiments.cli import METHODS, parse_methods, parse_seeds
+from experiments.cli import parse_methods, parse_seeds
+from nc_jax.config import METHOD_VARIANTS, METHODS
 PRESETS = {
     "ufm10": dict(classes=10, samples_per_class=100, dim=512),
     "ufm100": dict(classes=100, samples_per_class=100, dim=512),
@@ -147,9 +148,9 @@ def run_one(cfg: UFMConfig, method: str, seed: int, log=print) -> dict:
   from nc_jax.evaluate import nc_evaluate
 
   k, n, d = cfg.classes, cfg.classes * cfg.samples_per_class, cfg.dim
-  kind = "implicit" if method.startswith("implicit") else method
-  head_cfg = heads.HeadConfig(kind, num_classes=k, feature_dim=d, tau=cfg.tau,
-                              forward_only=method == "implicit-fo")
+  variant = METHOD_VARIANTS[method]
+  head_cfg = heads.HeadConfig(variant.head, num_classes=k, feature_dim=d, tau=cfg.tau,
+                              forward_only=variant.forward_only)
   key_h, key_head = jax.random.split(jax.random.PRNGKey(seed))
   labels = jnp.arange(n, dtype=jnp.int32) % k
   params = {"features": jax.random.normal(key_h, (n, d), jnp.float32)}
@@ -306,11 +307,9 @@ def plot(cfg: UFMConfig, results: dict[str, list[dict]], path: pathlib.Path) -> 
             ("nc3", "NC3", "‖W/‖W‖ − M/‖M‖‖²", "log"),
             ("wh_equinorm", "WH-equinorm", "std/mean of ‖w_k‖, ‖μ_k‖", "log")]
   fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
-  colours = {"standard": "tab:blue", "fixed": "tab:orange", "implicit": "tab:green",
-             "implicit-fo": "tab:red"}
   for ax, (key, title, ylabel, scale) in zip(axes.flat, panels):
     for method, runs in results.items():
-      c = colours.get(method)
+      c = METHOD_VARIANTS[method].colour
       if key is None:
         curves = np.stack([np.sort(r["margins"]) for r in runs])
         x = np.arange(curves.shape[1])

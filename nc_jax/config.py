@@ -1,6 +1,6 @@
 """One validated description of a training run, and the builders that turn it into parts.
 
-:class:`TrainConfig` names everything a run needs (dataset, backbone, method,
+:class:`TrainConfig` names everything a run needs (dataset, backbone, head,
 optimiser, batch and epochs, …) with the paper's recipe as defaults
 (paper-notes §5: ResNet18 with the ImageNet stem, BatchNorm without affine
 parameters, τ = 5, AGD with gain 10, batch 256, 200 epochs, stratified batches
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import types
 from typing import Any, Callable
 
 import jax.numpy as jnp
@@ -24,8 +25,31 @@ from nc_jax import heads, models, optim
 from nc_jax.data import registry
 from nc_jax.data.sources import SOURCES
 
-METHODS = heads.HEAD_KINDS
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodVariant:
+  """A method as the experiments, reports and benchmarks name it.
+
+  Attributes:
+    head: the head kind (:data:`nc_jax.heads.HEAD_KINDS`), :attr:`TrainConfig.head`.
+    forward_only: no gradient through the nearest ETF (the paper's ablation).
+    colour: its colour in every figure.
+  """
+  head: str
+  forward_only: bool
+  colour: str
+
+
+# The one table of methods: the paper's three heads and the forward-only ablation.
+METHOD_VARIANTS = types.MappingProxyType({
+    "standard": MethodVariant("standard", False, "tab:blue"),
+    "fixed": MethodVariant("fixed", False, "tab:orange"),
+    "implicit": MethodVariant("implicit", False, "tab:green"),
+    "implicit-fo": MethodVariant("implicit", True, "tab:red"),
+})
+METHODS = tuple(METHOD_VARIANTS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,8 +65,9 @@ class TrainConfig:
   ``imagenet`` as the paper, or ``cifar``), ``affine`` (BatchNorm scale/shift;
   the paper's ``--no-bias`` turns it off), ``compute_dtype`` (``float32`` or
   ``bfloat16``; parameters stay float32), ``width`` (ResNets: stem/first-stage
-  channels, ``None`` = 64 as the paper; narrower nets for reduced CPU runs).
-  Head: ``method`` (standard/fixed/implicit), ``forward_only`` (implicit
+  channels, ``None`` = 64 as the paper; narrower nets for reduced CPU runs; MLP: both
+  hidden layers, ``None`` = 512).
+  Head: ``head`` (standard/fixed/implicit), ``forward_only`` (implicit
   ablation), ``tau``, ``loss``, ``bias`` (standard), ``renormalise_rows``
   (standard), ``rotation_seed`` (fixed), ``delta``, ``solver``,
   ``factorisation`` (implicit).
@@ -64,7 +89,7 @@ class TrainConfig:
   affine: bool = False
   compute_dtype: str = "float32"
   width: int | None = None
-  method: str = "implicit"
+  head: str = "implicit"
   forward_only: bool = False
   tau: float = 5.0
   loss: str = "cross_entropy"
@@ -93,7 +118,7 @@ class TrainConfig:
     in a batch (batch_size ≥ K; not possible for ImageNet at batch 256)."""
     if self.stratified is not None:
       return self.stratified
-    return self.method == "implicit" and self.batch_size >= self.info.num_classes
+    return self.head == "implicit" and self.batch_size >= self.info.num_classes
 
   def data_spec(self, train: bool):
     """The augmentation and normalisation of training (``train``) or evaluation batches;
@@ -121,7 +146,7 @@ class TrainConfig:
     _choice("model", self.model, models.MODEL_NAMES)
     _choice("stem", self.stem, ("imagenet", "cifar"))
     _choice("compute_dtype", self.compute_dtype, tuple(COMPUTE_DTYPES))
-    _choice("method", self.method, METHODS)
+    _choice("head", self.head, heads.HEAD_KINDS)
     _choice("loss", self.loss, heads.LOSSES)
     _choice("optimizer", self.optimizer.lower(), optim.OPTIMIZERS)
     _choice("schedule", self.schedule, optim.SCHEDULES)
@@ -136,9 +161,9 @@ class TrainConfig:
     if self.use_stratified and self.batch_size < k:
       raise ValueError(f"batch_size: stratified batches need every class in every batch, so "
                        f"batch_size >= number of classes K={k}, got {self.batch_size}")
-    if self.width is not None and (not self.model.startswith("resnet")
+    if self.width is not None and (not (self.model.startswith("resnet") or self.model == "mlp")
                                    or not isinstance(self.width, int) or self.width < 1):
-      raise ValueError(f"width: expected None or a positive integer for a ResNet "
+      raise ValueError(f"width: expected None or a positive integer for a ResNet or the MLP "
                        f"(model {self.model!r}), got {self.width!r}")
     d = self.backbone().feature_dim
     # The head checks d ≥ K for the ETF methods (and every other head field).
@@ -146,7 +171,7 @@ class TrainConfig:
     if self.optimizer.lower() == "agd" and self.affine:
       raise ValueError("affine: AGD cannot train 1-D parameters, so BatchNorm must run without "
                        "scale and shift (affine=False: drop --affine), got affine=True")
-    if self.optimizer.lower() == "agd" and self.method == "standard" and self.bias:
+    if self.optimizer.lower() == "agd" and self.head == "standard" and self.bias:
       raise ValueError("bias: AGD cannot train 1-D parameters: the standard head's classifier "
                        "bias must be off (bias=False: drop --bias), got bias=True")
     self.optimizer_transform(steps_per_epoch=1)  # the factory validates the numbers
@@ -154,9 +179,9 @@ class TrainConfig:
 
   def head_config(self, num_classes: int, feature_dim: int) -> heads.HeadConfig:
     return heads.HeadConfig(
-        self.method, num_classes=num_classes, feature_dim=feature_dim, tau=self.tau,
+        self.head, num_classes=num_classes, feature_dim=feature_dim, tau=self.tau,
         bias=self.bias, renormalise_rows=self.renormalise_rows, rotation_seed=self.rotation_seed,
-        forward_only=self.forward_only, delta=self.delta, method=self.solver,
+        forward_only=self.forward_only, delta=self.delta, solver=self.solver,
         factorisation=self.factorisation)
 
   def backbone(self):
@@ -168,6 +193,8 @@ class TrainConfig:
         kwargs["width"] = self.width
     if self.model == "mlp":
       kwargs["use_bias"] = self.affine  # no-bias mode: no 1-D parameters anywhere
+      if self.width is not None:
+        kwargs["widths"] = (self.width, self.width)
     return models.create(self.model, **kwargs)
 
   def optimizer_transform(self, steps_per_epoch: int) -> optax.GradientTransformation:

@@ -56,7 +56,8 @@ class HeadConfig:
     rotation_seed: fixed head: ``None`` for the canonical ETF in the first K
       coordinates, else the seed of a Haar-random rotation.
     forward_only: implicit head: stop the gradient at P (ablation).
-    delta, method, factorisation: passed to :func:`nc_jax.nearest_etf`.
+    delta, solver, factorisation: passed to :func:`nc_jax.nearest_etf` (``solver`` as its
+      ``method``: ``"polar"`` or ``"rgd"``).
     alpha_min: floor of the class-mean moving-average weight.
   """
   kind: str
@@ -68,7 +69,7 @@ class HeadConfig:
   rotation_seed: int | None = None
   forward_only: bool = False
   delta: float = solver.DEFAULT_DELTA
-  method: str = "polar"
+  solver: str = "polar"
   factorisation: str = "auto"
   alpha_min: float = class_means.ALPHA_MIN
 
@@ -85,8 +86,8 @@ class HeadConfig:
           f"K, got d={self.feature_dim}, K={self.num_classes}")
     if not self.tau > 0:
       raise ValueError(f"tau: expected a positive feature norm, got {self.tau!r}")
-    if self.method not in solver.METHODS:
-      raise ValueError(f"method: expected one of {solver.METHODS}, got {self.method!r}")
+    if self.solver not in solver.METHODS:
+      raise ValueError(f"solver: expected one of {solver.METHODS}, got {self.solver!r}")
     solver.check_factorisation(self.factorisation)
     if not self.delta > 0:
       raise ValueError(f"delta: expected a positive float, got {self.delta!r}")
@@ -257,7 +258,7 @@ def _implicit_train_logits(config, state, h, labels, axis_name):
     prox = state.frame
   else:  # first step: P_prev from the feasibility solve, no gradient (a separate program)
     prox = solver.feasibility_solution(lax.stop_gradient(y_bar)).astype(y_bar.dtype)
-  frame, info = solver.nearest_etf(y_bar, prox, delta=config.delta, method=config.method,
+  frame, info = solver.nearest_etf(y_bar, prox, delta=config.delta, method=config.solver,
                                    factorisation=config.factorisation, return_info=True)
   if config.forward_only:
     frame = lax.stop_gradient(frame)

@@ -12,14 +12,14 @@ def test_paper_defaults_validate_and_build():
   cfg = TrainConfig().validate()
   assert (cfg.model, cfg.stem, cfg.affine, cfg.tau, cfg.optimizer, cfg.batch_size,
           cfg.epochs) == ("resnet18", "imagenet", False, 5.0, "agd", 256, 200)
-  assert cfg.use_stratified and not TrainConfig(method="standard").use_stratified
+  assert cfg.use_stratified and not TrainConfig(head="standard").use_stratified
   head = cfg.head_config(10, 512)
   assert head.kind == "implicit" and head.tau == 5.0
 
 
-@pytest.mark.parametrize("method", ["standard", "fixed", "implicit"])
-def test_builders_make_a_trainable_state_with_agd(method):
-  cfg = TrainConfig(dataset="synthetic", model="mlp", method=method, source="synthetic",
+@pytest.mark.parametrize("head", ["standard", "fixed", "implicit"])
+def test_builders_make_a_trainable_state_with_agd(head):
+  cfg = TrainConfig(dataset="synthetic", model="mlp", head=head, source="synthetic",
                     batch_size=16).validate()
   model = cfg.backbone()
   tx = cfg.optimizer_transform(steps_per_epoch=10)
@@ -37,7 +37,7 @@ def test_builders_make_a_trainable_state_with_agd(method):
 @pytest.mark.parametrize("kwargs,match", [
     (dict(dataset="cifar1000"), r"^dataset: expected one of .*cifar10.*got 'cifar1000'"),
     (dict(model="resnet19"), r"^model: expected one of resnet18, .*got 'resnet19'"),
-    (dict(method="learned"), r"^method: expected one of standard, fixed, implicit; got 'learned'"),
+    (dict(head="learned"), r"^head: expected one of standard, fixed, implicit; got 'learned'"),
     (dict(optimizer="lamb"), r"^optimizer: expected one of"),
     (dict(schedule="linear"), r"^schedule: expected one of"),
     (dict(source="web"), r"^source: expected one of"),
@@ -48,7 +48,7 @@ def test_builders_make_a_trainable_state_with_agd(method):
     (dict(batch_size=0), r"^batch_size: expected a positive integer"),
     (dict(epochs=10, warmup_epochs=10, optimizer="sgd", learning_rate=0.1), r"^warmup_epochs"),
     (dict(affine=True), r"^affine: AGD cannot train 1-D parameters"),
-    (dict(method="standard", bias=True), r"^bias: AGD cannot train 1-D parameters"),
+    (dict(head="standard", bias=True), r"^bias: AGD cannot train 1-D parameters"),
     (dict(optimizer="agd", learning_rate=0.1), r"learning_rate"),
     (dict(optimizer="sgd", learning_rate=-1.0), r"learning_rate"),
     (dict(compute_dtype="float16"), r"^compute_dtype: expected one of float32, bfloat16"),
@@ -72,6 +72,8 @@ def test_imagenet_with_resnet50_is_valid_and_not_stratified():
 def test_width_and_augment():
   cfg = TrainConfig(width=16).validate()
   assert cfg.backbone().feature_dim == 128 and cfg.head_config(10, 128).feature_dim == 128
+  mlp = TrainConfig(model="mlp", width=24).validate().backbone()
+  assert mlp.widths == (24, 24) and mlp.feature_dim == 24
   info = cfg.info
   assert cfg.data_spec(True) == info.train_spec and cfg.data_spec(False) == info.eval_spec
   plain = TrainConfig(augment=False)

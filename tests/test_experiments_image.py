@@ -48,7 +48,7 @@ def test_overrides_reach_the_train_config():
   assert cfg.affine is True and cfg.stratified is False and cfg.tau == 2.5
   assert cfg.factorisation == "eigh"
   run_cfg = cli_lib.config_for(cfg, "implicit-fo", 4)
-  assert (run_cfg.method, run_cfg.forward_only, run_cfg.seed) == ("implicit", True, 4)
+  assert (run_cfg.head, run_cfg.forward_only, run_cfg.seed) == ("implicit", True, 4)
 
 
 def test_defaults_are_the_paper_recipe():
@@ -66,7 +66,7 @@ def test_every_train_config_field_is_a_flag():
   parser = cli_lib.build_parser("cifar100")
   dests = {a.dest for a in parser._actions}
   for field in dataclasses.fields(cli_lib.config_lib.TrainConfig):
-    if field.name not in ("dataset", "method", "seed", "forward_only"):
+    if field.name not in ("dataset", "head", "seed", "forward_only"):
       assert field.name in dests, field.name
 
 
@@ -90,7 +90,7 @@ def test_seed_and_method_lists():
     (["--seeds", "3-1"], "--seeds: expected"),
     (["--nc-every", "0"], "--nc-every: expected a positive integer, got 0"),
     (["--affine"], "affine: AGD cannot train 1-D parameters"),          # bad combination
-    (["--model", "mlp", "--width", "8"], "width: expected None or a positive integer"),
+    (["--model", "vgg13", "--width", "8"], "width: expected None or a positive integer"),
     (["--devices", "zero"], "--devices: expected 'all'"),
     (["--resume", "--overwrite"], "not allowed with argument"),
 ])

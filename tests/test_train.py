@@ -137,7 +137,7 @@ def test_losses_against_numpy(name):
     (dict(kind="implicit", num_classes=10, feature_dim=8), r"^feature_dim: .*d >= .*K"),
     (dict(kind="fixed", num_classes=10, feature_dim=8), r"^feature_dim"),
     (dict(kind="implicit", num_classes=4, feature_dim=8, tau=0.0), r"^tau"),
-    (dict(kind="implicit", num_classes=4, feature_dim=8, method="tr"), r"^method"),
+    (dict(kind="implicit", num_classes=4, feature_dim=8, solver="tr"), r"^solver"),
 ])
 def test_bad_head_configs(kwargs, match):
   with pytest.raises(ValueError, match=match):
