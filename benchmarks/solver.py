@@ -6,7 +6,7 @@ Run from the repository root::
     python -m benchmarks.solver --quick          # tiny sizes, smoke run (seconds)
     python -m benchmarks.solver --sizes 512x100 --variants polar-svd,dense-ddn --json out.json
 
-What is measured (paper-notes §1.4, §2). The layer maps unit-Frobenius centred
+What is measured (docs/method.md §3, §6). The layer maps unit-Frobenius centred
 class means :math:`\bar Y` (d×K) and the previous solution :math:`P_{prev}` to
 :math:`P^\star = \mathrm{polar}(c\bar YM + \delta P_{prev})`. Training calls it once
 per step, forward and backward, so that is what is timed, in float32 with
@@ -62,7 +62,7 @@ is only an upper bound).
 
 Accuracy check. "P / PM max err" and "grad rel. err" compare each variant's
 float32 output with an untimed float64 NumPy closed form (SVD polar factor and
-the polar VJP of paper-notes §2.3) at the same inputs: a fast variant must also
+the polar VJP of docs/method.md §6.1) at the same inputs: a fast variant must also
 be a correct one (the dense DDN and the Lyapunov VJP agree to float32 rounding).
 PM = P·M is the part the classifier W depends on; P also has the column
 direction P·1/√K, pinned only by δ, whose float32 error is ~eps·σ_max(B)/δ.
@@ -152,7 +152,7 @@ def make_inputs(d: int, k: int, seed: int) -> Inputs:
 
 
 def reference_solution(y: np.ndarray, prox: np.ndarray, g: np.ndarray):
-  """Float64 NumPy closed form P* and its gradient (paper-notes §1.4, §2.3), untimed.
+  """Float64 NumPy closed form P* and its gradient (docs/method.md §3, §6.1), untimed.
 
   B = cȲM + δP_prev = UΣVᵀ, P* = UVᵀ; with X = UᵀGV and Ω_ij = (X_ij − X_ji)/(σ_i + σ_j):
   ∂L/∂B = UΩVᵀ + (G − UUᵀG)VΣ⁻¹Vᵀ and ∂L/∂Ȳ = c·(∂L/∂B)·M. Independent of the

@@ -1,7 +1,7 @@
-r"""Per-class feature means and the official moving average of them (paper-notes §4.1).
+r"""Per-class feature means and the official moving average of them (docs/method.md §7).
 
 Notation. A batch holds ``n`` feature rows :math:`h_i \in \mathbb R^d` (already
-τ-normalised, paper-notes §3) with labels :math:`y_i \in \{0,\dots,K-1\}`.
+τ-normalised, docs/method.md §8.1) with labels :math:`y_i \in \{0,\dots,K-1\}`.
 
 * :func:`class_means` returns plain per-class means and counts.
 * :func:`update` is a pure-function port of the official

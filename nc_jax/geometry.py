@@ -1,6 +1,6 @@
 r"""Simplex equiangular tight frames (ETFs) and the closed-form distance to them.
 
-Notation (paper-notes §1.1). ``K`` classes, feature dimension ``d >= K``.
+Notation (docs/method.md §1). ``K`` classes, feature dimension ``d >= K``.
 
 * Centring matrix :math:`M = I_K - \tfrac1K 1 1^T` (symmetric, idempotent,
   :math:`M1 = 0`, :math:`\operatorname{tr} M = K-1`).
@@ -75,7 +75,7 @@ class NearestETF(NamedTuple):
 def nearest_etf_closed_form(means: jax.Array) -> NearestETF:
   r"""Distance from class means to their nearest simplex ETF, in closed form.
 
-  With :math:`\hat Y = Y/\|Y\|_F` (paper-notes §6, "ETF distances"):
+  With :math:`\hat Y = Y/\|Y\|_F` (docs/method.md §9, "ETF distances"):
 
   .. math::
      \min_{P \in St(d,K)} \|\hat Y - P\tilde M\|_F^2

@@ -1,4 +1,4 @@
-r"""Classifier heads: standard (learned), fixed ETF and implicit ETF (paper-notes §3–§4).
+r"""Classifier heads: standard (learned), fixed ETF and implicit ETF (docs/method.md §8).
 
 Every head first normalises the backbone features, :math:`h = \tau\,h_{raw}/\max(\|h_{raw}\|, 10^{-12})`
 (τ = 5 in every released script), then produces logits :math:`hW^T + b` with a

@@ -1,4 +1,4 @@
-r"""Neural-collapse metrics (paper-notes §6), in memory or streamed over batches.
+r"""Neural-collapse metrics (docs/method.md §9), in memory or streamed over batches.
 
 Notation. ``N`` samples with features :math:`h_i \in \mathbb R^d` (rows of the
 ``(N, d)`` array ``features``) and labels :math:`y_i \in [0, K)`; a linear
@@ -756,7 +756,7 @@ def _two_passes(batches: Callable[[], Iterable[Any]], w: jax.Array, bias: jax.Ar
 
 
 def nc_metrics(features: Any, labels: Any, W: Any, b: Any, num_classes: int) -> dict[str, Any]:
-  """All neural-collapse metrics of paper-notes §6 for in-memory features.
+  """All neural-collapse metrics of docs/method.md §9 for in-memory features.
 
   Runs the same code as :func:`nc_metrics_streaming` with one batch, so it holds
   ``(N, K)`` logits, centre distances and cosines at once; for large ``N`` (e.g.

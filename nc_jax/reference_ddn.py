@@ -3,7 +3,7 @@ r"""A JAX transcription of the official dense DDN backward (for comparison only)
 The official PyTorch layer differentiates the nearest-ETF problem with the
 equality-constrained proposition of Deep Declarative Networks (Gould, Hartley &
 Campbell, arXiv 1909.04866), materialising every operator densely
-(paper-notes §2.1). This module reproduces that computation step by step, with
+(docs/method.md §6.2). This module reproduces that computation step by step, with
 the same objects and the same memory footprint, so that tests can check
 :func:`nc_jax.polar_vjp` against it and benchmarks can time it. It is not used
 by any training path: its cost is :math:`O(dK^5)` time and

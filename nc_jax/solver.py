@@ -1,6 +1,6 @@
 r"""The nearest simplex ETF: exact solver with an implicit (Lyapunov) VJP.
 
-Problem (paper-notes §1). Given unit-Frobenius centred class means
+Problem (docs/method.md §2, §3). Given unit-Frobenius centred class means
 :math:`\bar Y \in \mathbb R^{d\times K}` and the previous solution
 :math:`P_{prev} \in St(d,K)`, find
 
@@ -315,7 +315,7 @@ def procrustes_target(y: jax.Array, prox: jax.Array, delta: float) -> jax.Array:
 
 @jax.jit
 def _feasible_point(y: jax.Array) -> jax.Array:
-  """Closed-form feasibility minimiser nearest I_{d,K} (paper-notes §1.4)."""
+  """Closed-form feasibility minimiser nearest I_{d,K} (docs/method.md §5)."""
   d, k = y.shape
   b0 = centre_columns(y)  # c > 0 does not change the polar factor
   u, _, vt = jnp.linalg.svd(b0, full_matrices=False)

@@ -1,4 +1,4 @@
-"""Tests of nc_jax.class_means: the official feature-mean moving average (paper-notes §4.1).
+"""Tests of nc_jax.class_means: the official feature-mean moving average (docs/method.md §7).
 
 The reference ``_RefLayer`` below is a line-by-line numpy transcription of the
 official ``FeaturesMovingAverageLayer.forward(..., method='EMA')`` and

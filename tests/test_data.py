@@ -1,4 +1,5 @@
-"""Tests of nc_jax.data: registry, readers, augmentation, epoch plans, streaming (paper-notes §5.4).
+"""Tests of nc_jax.data: registry, readers, augmentation, epoch plans, streaming
+(docs/method.md §10.3).
 
 tfds tests need the ``data`` extra (tensorflow-datasets, array-record) and are skipped without
 it; they use ``tfds.testing.mock_data`` (no TensorFlow, no network). A Pillow comparison of

@@ -1,4 +1,4 @@
-"""Tests of nc_jax.metrics against a plain numpy float64 transcription of paper-notes §6."""
+"""Tests of nc_jax.metrics against a plain numpy float64 transcription of docs/method.md §9."""
 
 import math
 import time

@@ -1,4 +1,4 @@
-"""Tests of nc_jax.models: the ResNet / VGG / MLP backbones (paper-notes §5.3).
+"""Tests of nc_jax.models: the ResNet / VGG / MLP backbones (docs/method.md §10.2).
 
 Expected numbers are written out independently of the implementation: the
 torchvision parameter totals (minus ``fc``), parameter counts summed by hand
@@ -153,7 +153,7 @@ def test_resnet_param_counts(name, expected):
   assert _count(v0["params"]) == expected - bn
   # No-bias mode: only 4-D conv kernels remain (AGD rejects 1-D parameters) ...
   assert all(a.ndim == 4 for a in jax.tree.leaves(v0["params"]))
-  # AGD's L (paper-notes §5.2): 20 conv kernels for ResNet18, 53 for ResNet50.
+  # AGD's L (docs/method.md §10.1): 20 conv kernels for ResNet18, 53 for ResNet50.
   n_kernels = {"resnet18": 20, "resnet34": 36, "resnet50": 53}[name]
   assert len(jax.tree.leaves(v0["params"])) == n_kernels
   # ... and the running statistics are unchanged (mean + var per BN channel).

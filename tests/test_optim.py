@@ -1,4 +1,4 @@
-"""Tests of nc_jax.optim: AGD (paper-notes §5.2), its initialisation, the optimiser and
+"""Tests of nc_jax.optim: AGD (docs/method.md §10.1), its initialisation, the optimiser and
 schedule factories.
 
 The AGD reference ``_ref_agd_step`` is a numpy float64 transcription of the official

@@ -186,7 +186,7 @@ def test_feasibility_solution(d, k):
     w /= np.linalg.norm(w)
     other = base + np.outer(w, ones)
     assert np.linalg.norm(p - start) <= np.linalg.norm(other - start) + 1e-12
-  # Its proximal solve returns itself (paper-notes §1.4).
+  # Its proximal solve returns itself (docs/method.md §5).
   np.testing.assert_allclose(nc.nearest_etf(y, None), p, atol=1e-11)
   np.testing.assert_allclose(nc.nearest_etf(y, p), p, atol=1e-11)
 

@@ -1,4 +1,4 @@
-"""Data pipelines for nc_jax (paper-notes §5.4): dataset registry, readers, augmentation,
+"""Data pipelines for nc_jax (docs/method.md §10.3): dataset registry, readers, augmentation,
 device-resident epochs with stratified batches, and host streaming with prefetch.
 
 * :mod:`~nc_jax.data.registry` — :func:`get_dataset_info` (K, shapes, normalisation,

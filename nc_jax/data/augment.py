@@ -1,6 +1,6 @@
 """Image augmentation: jit-able device ops and their numpy host counterparts.
 
-The paper's torchvision pipelines (paper-notes §5.4) are reproduced as two sets of ops:
+The paper's torchvision pipelines (docs/method.md §10.3) are reproduced as two sets of ops:
 
 * **Device** (pure ``jax.numpy``, batched, per-sample randomness from one key, no host
   callbacks, so they run under ``jit`` and on a batch sharded over a mesh):

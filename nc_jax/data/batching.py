@@ -19,7 +19,7 @@ one compiled train step serves the whole run.
 * **Plain shuffle** drops the ``N mod B`` samples left over by a fresh random permutation
   (``drop_last``); different samples are left out each epoch. (The official loaders keep a
   smaller last batch; a second batch shape would cost a recompile, so we drop it.)
-* **Stratified** (the implicit method, paper-notes §4.1/§5.4): like sklearn's
+* **Stratified** (the implicit method, docs/method.md §7/§10.3): like sklearn's
   ``StratifiedKFold(n_splits=N // B, shuffle=True)`` with one fold per batch, every batch
   contains class k about ``B·n_k/N`` times. Construction: classes are shuffled internally,
   each sample gets the position ``u = (r·K + π_k + ½)/(K·n_k)`` (r its random rank within

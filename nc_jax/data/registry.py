@@ -1,6 +1,6 @@
 """Per-dataset metadata: classes, shapes, normalisation, augmentation, tfds names and splits.
 
-The recipes follow the official code (paper-notes §5.4). Entries the paper does not use
+The recipes follow the official code (docs/method.md §10.3). Entries the paper does not use
 (FashionMNIST, SVHN, synthetic) say where their numbers come from in ``notes``.
 
 Shapes:
@@ -110,7 +110,7 @@ _SYNTHETIC_TRAIN = AugmentSpec(mean=(0.5,), std=(0.25,), channels=3, flip=True, 
                                crop_size=32)
 
 DATASETS: types.MappingProxyType = _ro({
-    "mnist": _mnist_like("mnist", (0.1307,), (0.3081,), "paper-notes §5.4. " + _MNIST_NOTE),
+    "mnist": _mnist_like("mnist", (0.1307,), (0.3081,), "docs/method.md §10.3. " + _MNIST_NOTE),
     "fashion_mnist": _mnist_like(
         "fashion_mnist", (0.2860,), (0.3530,),
         "Not used by the paper. Recipe copied from MNIST (the official code's FashionMNIST "
@@ -119,15 +119,15 @@ DATASETS: types.MappingProxyType = _ro({
     "cifar10": _flip_crop(
         "cifar10", 10, 32, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010), "cifar10", _TT,
         {"train": 50000, "test": 10000},
-        "paper-notes §5.4: RandomHorizontalFlip, RandomCrop(32, padding=4); test: normalise."),
+        "docs/method.md §10.3: RandomHorizontalFlip, RandomCrop(32, padding=4); test: normalise."),
     "cifar100": _flip_crop(
         "cifar100", 100, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), "cifar100",
         _TT, {"train": 50000, "test": 10000},
-        "paper-notes §5.4 (same recipe as CIFAR10); fine labels (tfds key 'label')."),
+        "docs/method.md §10.3 (same recipe as CIFAR10); fine labels (tfds key 'label')."),
     "stl10": _flip_crop(
         "stl10", 10, 96, (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713), "stl10", _TT,
         {"train": 5000, "test": 8000},
-        "paper-notes §5.4: flip, RandomCrop(96, padding=4). The 100k 'unlabelled' split is "
+        "docs/method.md §10.3: flip, RandomCrop(96, padding=4). The 100k 'unlabelled' split is "
         "not used."),
     "svhn": _flip_crop(
         "svhn", 10, 32, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), "svhn_cropped", _TT,
@@ -141,8 +141,8 @@ DATASETS: types.MappingProxyType = _ro({
         eval_spec=_IMAGENET_TRAIN.eval_spec(), tfds_name="imagenet2012",
         splits=_ro({"train": "train", "test": "validation"}),
         num_examples=_ro({"train": 1281167, "test": 50000}), pipeline="stream",
-        notes="paper-notes §5.4: Resize(256), RandomHorizontalFlip, RandomCrop(224, padding=4) "
-        "(not RandomResizedCrop); test: Resize(256), CenterCrop(224). Standard ImageNet "
+        notes="docs/method.md §10.3: Resize(256), RandomHorizontalFlip, RandomCrop(224, "
+        "padding=4) (not RandomResizedCrop); test: Resize(256), CenterCrop(224). Standard ImageNet "
         "mean/std. 'test' is the tfds 'validation' split."),
     "synthetic": DatasetInfo(
         name="synthetic", num_classes=10, source_shape=(32, 32, 3), device_shape=(32, 32, 3),

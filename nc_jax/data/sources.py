@@ -50,7 +50,7 @@ class MissingExtraError(ImportError, ValueError):
   """An optional dependency (a pip extra) is not installed; the message names the command.
 
   Both an ``ImportError`` and a ``ValueError`` (the experiments' entry points print
-  ``ValueError``s as one line).
+  a ``ValueError`` as one line).
   """
 
 
@@ -443,7 +443,7 @@ def load_split(name: str | DatasetInfo, split: str = "train", *, source: str = "
       file) or ``"synthetic"`` (``num_examples``, ``seed``; registry K and shape).
 
   Returns:
-    ``(images, labels, info)``: uint8 (N, *info.device_shape), int32 (N,), the entry.
+    ``(images, labels, info)``: uint8 ``(N, *info.device_shape)``, int32 ``(N,)``, the entry.
 
   Raises:
     ValueError: unknown dataset or source, labels outside [0, K), wrong image shape.

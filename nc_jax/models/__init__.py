@@ -1,4 +1,4 @@
-"""Backbone feature extractors (Flax Linen, pure ``init``/``apply``): paper-notes §5.3.
+"""Backbone feature extractors (Flax Linen, pure ``init``/``apply``): docs/method.md §10.2.
 
 Every model maps a float input (NHWC images; any shape ``(N, ...)`` for the MLP)
 to penultimate features ``(N, d)`` in float32 — no classifier head — and is called

@@ -13,7 +13,7 @@ Design decisions:
   U(−1/√fan_in, 1/√fan_in)), not Flax's lecun-normal kernel / zero bias, to match
   a PyTorch MLP.
 * ``use_bias=False`` with ``affine=False`` (or ``use_bn=False``) leaves only 2-D
-  kernels, as AGD requires (paper-notes §5.2).
+  kernels, as AGD requires (docs/method.md §10.1).
 * BN as in the conv nets: eps 1e-5, momentum 0.1 (Flax 0.9), float32 statistics.
 * Mixed precision: ``dtype`` compute dtype, ``param_dtype`` parameter dtype;
   features returned in float32.

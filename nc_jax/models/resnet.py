@@ -1,4 +1,4 @@
-r"""torchvision-style ResNet18/34/50 feature extractors (paper-notes §5.3), Flax Linen.
+r"""torchvision-style ResNet18/34/50 feature extractors (docs/method.md §10.2), Flax Linen.
 
 Shapes. Input ``x``: ``(N, H, W, C)`` (NHWC), any float dtype, any ``C``.
 Output: penultimate features ``(N, d)`` in **float32**, d = 512·expansion

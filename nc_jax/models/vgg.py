@@ -1,10 +1,10 @@
-r"""VGG11/13/16/19 with BatchNorm as feature extractors (paper-notes §5.3), Flax Linen.
+r"""VGG11/13/16/19 with BatchNorm as feature extractors (docs/method.md §10.2), Flax Linen.
 
 Shapes. Input ``x``: ``(N, H, W, C)`` (NHWC), any float dtype, any ``C``, with
 ``H, W >= 32`` (five 2×2 max-pools). Output: ``(N, 512)`` float32 features.
 
 **The paper's VGG13 is not defined anywhere** (it appears in the paper but not in
-the official release; paper-notes §5.3). This module is the documented natural
+the official release; docs/method.md §10.2). This module is the documented natural
 guess: the standard VGG conv stack with BatchNorm (torchvision ``vgg13_bn``
 ``features``, config 'B') followed by global average pooling to 512 features.
 VGG11/16/19 use configs 'A'/'D'/'E' the same way.

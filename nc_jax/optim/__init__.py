@@ -1,4 +1,4 @@
-"""Optimisers for training the backbone (paper-notes §5.2).
+"""Optimisers for training the backbone (docs/method.md §10.1).
 
 * :func:`agd`, :func:`agd_init` — automatic gradient descent (Bernstein et al.
   2023) and its orthogonal initialisation, as the official code uses them

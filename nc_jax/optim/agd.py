@@ -1,7 +1,7 @@
 r"""Automatic gradient descent (AGD; Bernstein et al. 2023) as the official code uses it.
 
 Port of ``nc/optimisers/agd.py`` of the official release (commit 00cdf29;
-paper-notes §5.2) to an :mod:`optax` gradient transformation on Flax parameter
+docs/method.md §10.1) to an :mod:`optax` gradient transformation on Flax parameter
 pytrees.
 
 Layout. The official code works in PyTorch layout, a linear weight ``(out, in)``

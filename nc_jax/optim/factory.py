@@ -1,7 +1,7 @@
 r"""Optimiser and learning-rate-schedule factories (PyTorch semantics of the official code).
 
 The official ``make_optimiser``/``make_scheduler`` (``nc/models/model_structure.py``,
-commit 00cdf29; paper-notes §5.2) offer SGD (momentum 0.9), Adam, AdamW, AGD,
+commit 00cdf29; docs/method.md §10.1) offer SGD (momentum 0.9), Adam, AdamW, AGD,
 and step / multistep / OneCycle decay. Every released script uses AGD; the
 scheduler factory is never called. This module reproduces their update rules
 as optax transformations.
