@@ -10,8 +10,8 @@ Three sections (``--sections``, default all):
 
 1. **heads** — the paper's backbone, ResNet18 with the torchvision (ImageNet) stem and
    non-affine BatchNorm (``models.create('resnet18', stem='imagenet', affine=False)``,
-   paper-notes §5.3), float32, on 32×32×3 float32 inputs, trained with AGD (gain 10, the
-   released scripts' optimiser, paper-notes §5.2; ``--optimizer sgd`` for SGD with
+   docs/method.md §10.2), float32, on 32×32×3 float32 inputs, trained with AGD (gain 10, the
+   released scripts' optimiser, docs/method.md §10.1; ``--optimizer sgd`` for SGD with
    momentum 0.9, lr 0.05, weight decay 5e-4), τ = 5, cross-entropy. For every
    K ∈ ``--classes`` and batch B ∈ ``--batches`` and every head in ``--heads``:
    ``standard`` (learned classifier, rows renormalised), ``fixed`` (canonical ETF),
@@ -60,11 +60,11 @@ Three sections (``--sections``, default all):
    every batch through :func:`nc_jax.data.batching.make_batch` with the ``cifar10``
    ``train_spec`` (random crop with 4-pixel zero padding, horizontal flip, normalise) under
    ``jit``. Two ways, both timed per epoch including the plan: "dispatched" mirrors
-   :func:`nc_jax.loop.fit` (plan copied to the host, one jitted gather+augment call per
+   :class:`nc_jax.pipeline.DevicePipeline` (plan copied to the host, one jitted gather+augment call per
    batch, its index row sent to the device, the augmentation key derived on device);
    "in-jit" runs the whole epoch in one compiled ``fori_loop`` (each batch written to the
    loop carry, so it is materialised), the device-side cost the batch adds when, as in
-   :func:`nc_jax.loop.compile_data_steps`, it is built inside the train step.
+   :meth:`nc_jax.pipeline.DevicePipeline.compile`, it is built inside the train step.
 
 Data parallelism (``--devices``, default ``all``): with more than one local device the
 heads and throughput steps run data-parallel through
@@ -436,7 +436,7 @@ def run_pipeline(examples: int, batch_sizes: Sequence[int], policy: common.Repea
 
   @jax.jit
   def one_batch(images, labels, idx, rng, step):
-    # As the data step of nc_jax.loop: augmentation key fold_in(fold_in(rng, 1), step).
+    # As the train step of nc_jax.pipeline.DevicePipeline: augmentation key fold_in(fold_in(rng, 1), step).
     key = jax.random.fold_in(jax.random.fold_in(rng, 1), step)
     x, y = batching.make_batch(images, labels, idx, key, spec, True)
     return x, y, step + 1
@@ -464,7 +464,7 @@ def run_pipeline(examples: int, batch_sizes: Sequence[int], policy: common.Repea
         return batching.epoch_indices(key, labels, b, stratified, num_classes=k)
 
       def dispatched():
-        plan = np.asarray(plan_for())  # as nc_jax.loop.epoch_plan: host copy
+        plan = np.asarray(plan_for())  # as nc_jax.pipeline.epoch_plan: host copy
         step = jnp.zeros((), jnp.int32)
         out = None
         for row in plan:
@@ -628,7 +628,7 @@ def report(env: dict[str, Any], settings: dict[str, Any], head_results, throughp
     lines.append(common.markdown_table(PIPELINE_HEADERS, [pipeline_row(r) for r in pipeline],
                                        right_align_from=1))
     lines += ["", "Per epoch: plan = `epoch_indices` (median ms); dispatched = host plan + one "
-              "jitted `make_batch` call per batch (as `nc_jax.loop.fit`); in-jit = the "
+              "jitted `make_batch` call per batch (as `nc_jax.pipeline.DevicePipeline`); in-jit = the "
               "whole epoch's batches in one compiled loop (the device cost inside a fused "
               "train step). Rates are whole epochs, the plan included; repeats = "
               "dispatched/in-jit epochs timed.", ""]

@@ -12,8 +12,12 @@ import types
 import typing
 from typing import Any, Sequence
 
+import jax
+
 from nc_jax import config as config_lib
+from nc_jax import heads, models, optim
 from nc_jax import solver as solver_lib
+from nc_jax.data.sources import SOURCES
 from nc_jax.config import METHOD_VARIANTS, METHODS
 
 
@@ -90,13 +94,12 @@ _HELP = {
     "learning_rate": "not used by AGD (the paper's optimiser)",
     "gain": "AGD gain (default 10, the paper's)",
     "augment": "the dataset's training augmentation (--no-augment: normalisation only)",
-    "width": "ResNet stem/first-stage channels (paper: 64; narrower nets for CPU runs)",
+    "width": "ResNet stem/first-stage channels (paper: 64; narrower nets for CPU runs); MLP "
+             "hidden width",
 }
 
 
 def _choices() -> dict[str, tuple[str, ...] | None]:
-  from nc_jax import heads, models, optim
-  from nc_jax.data.sources import SOURCES
   filled = dict(_CHOICES)
   filled.update(source=tuple(SOURCES), model=tuple(models.MODEL_NAMES), loss=tuple(heads.LOSSES),
                 optimizer=tuple(optim.OPTIMIZERS), schedule=tuple(optim.SCHEDULES))
@@ -290,7 +293,6 @@ def select_devices(text: str) -> list:
   Raises:
     ValueError: naming ``--devices``, for anything else or more devices than exist.
   """
-  import jax
   devices = jax.devices()
   if text == "all":
     return devices

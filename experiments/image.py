@@ -36,25 +36,26 @@ uninterrupted run on CPU), and ``--overwrite`` starts it again.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import pathlib
 import shutil
 import sys
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 from experiments import progress as progress_lib
-from experiments import run_folder
+from experiments import report, run_folder, tb_writer
 from experiments.cli import RunOptions, config_for, parse_args, select_devices
 from experiments.image_data import Data, load_data
-from nc_jax.data.subsets import Subset, balanced_subset
 from nc_jax import config as config_lib
+from nc_jax import evaluate, loop, metrics, train
 from nc_jax import solver as solver_lib
-
-# --------------------------------------------------------------------------- #
-# Data
-# --------------------------------------------------------------------------- #
-
+from nc_jax.checkpoint import Checkpointer, has_checkpoint
+from nc_jax.data.sources import DataNotFoundError
+from nc_jax.train import TrainingFault
 
 # --------------------------------------------------------------------------- #
 # One run
@@ -67,80 +68,29 @@ class _Compiled:
   model: Any
   tx: Any
   head_config: Any
-  steps: tuple
-  features: Callable
+  steps: Any  # nc_jax.pipeline.Steps
   sample_input: Any
 
 
-def _compile(cfg: config_lib.TrainConfig, data: Data, mesh, steps_per_epoch: int) -> _Compiled:
-  import jax
-  import jax.numpy as jnp
-
-  from nc_jax import loop, train
-  from nc_jax.data import batching
-  info = data.info
+def _compile(cfg: config_lib.TrainConfig, pipe, steps_per_epoch: int) -> _Compiled:
+  info = cfg.info
   model = cfg.backbone()
   head_config = cfg.head_config(info.num_classes, model.feature_dim)
   tx = cfg.optimizer_transform(steps_per_epoch)
-  static = dict(model=model, head_config=head_config, loss=cfg.loss)
-  rep, sharded = train.replicated(mesh), train.batch_sharding(mesh)
-  feat = functools.partial(train.features, model=model, head_config=head_config)
-  if data.stream:
-    steps = (train.compile_train_step(mesh, tx=tx, **static), train.compile_eval_step(mesh, **static))
-    features = jax.jit(lambda state, x: feat(state, x), in_shardings=(rep, sharded),
-                       out_shardings=rep)
-  else:
-    steps = loop.compile_data_steps(mesh, cfg.data_spec(True), cfg.data_spec(False), tx=tx,
-                                    **static)
-    eval_spec = info.spec(False)
-
-    def device_features(state, images, labels, idx):
-      x, y = batching.make_batch(images, labels, idx, None, eval_spec, False)
-      return feat(state, x), y
-    features = jax.jit(device_features, in_shardings=(rep, rep, rep, sharded),
-                       out_shardings=(rep, rep))
+  steps = pipe.compile(model=model, tx=tx, head_config=head_config, loss=cfg.loss)
   sample = jnp.zeros((2,) + info.input_shape, config_lib.COMPUTE_DTYPES[cfg.compute_dtype])
-  return _Compiled(model, tx, head_config, steps, features, sample)
+  return _Compiled(model, tx, head_config, steps, sample)
 
 
-def _feature_batches(compiled: _Compiled, state, split_data, labels, ids, batch_size, mesh,
-                     data: Data):
-  """Eval-mode ``(features, labels)`` batches of the examples ``ids`` (all if None), dispatched
-  without waiting; padded slots have label −1 (:func:`nc_jax.evaluate.collect_features`)."""
-  import numpy as np
-
-  from nc_jax import loop, train
-  from nc_jax.data import batching
-  from nc_jax.data.streaming import StreamingLoader
-  if data.stream:
-    src = split_data if ids is None else Subset(split_data, ids)
-    loader = StreamingLoader(src, data.info.spec(False), batch_size=batch_size, train=False,
-                             num_threads=8)
-    with loader.epoch(0) as it:
-      for batch in it:
-        yield (compiled.features(state, train.global_batch(batch.images, mesh)),
-               np.where(batch.mask, batch.labels, -1))
-  else:
-    images, dev_labels = split_data
-    n = int(labels.shape[0]) if ids is None else len(ids)
-    plan, _ = batching.eval_indices(n, batch_size)
-    if ids is not None:
-      plan = np.where(plan >= 0, np.asarray(ids, np.int32)[np.maximum(plan, 0)], -1)
-    for row in plan:
-      yield compiled.features(state, images, dev_labels, loop.place_indices(row, mesh))
-
-
-def nc_pass(compiled: _Compiled, state, split_data, labels, ids, batch_size, mesh, data: Data
-            ) -> dict:
-  """The NC metrics (:func:`nc_jax.evaluate.nc_evaluate`) of a split's eval-mode features."""
-  from nc_jax import evaluate
-  h, y = evaluate.collect_features(
-      _feature_batches(compiled, state, split_data, labels, ids, batch_size, mesh, data))
+def nc_pass(compiled: _Compiled, state, pipe, split: str, ids) -> dict:
+  """The NC metrics (:func:`nc_jax.evaluate.nc_evaluate`) of the eval-mode features of
+  ``split``'s examples ``ids`` (all if ``None``); batches are dispatched without waiting."""
+  h, y = evaluate.collect_features(compiled.steps.features(state, *args)
+                                   for args in pipe.feature_batches(split, ids))
   return evaluate.nc_evaluate(h, y, compiled.head_config, state.params["head"], state.head)
 
 
 def _nc_record(result: dict, prefix: str) -> dict:
-  from nc_jax import metrics
   return {f"{prefix}{k}": float(result[k]) for k in metrics.METRIC_KEYS}
 
 
@@ -149,7 +99,6 @@ def run_one(cfg: config_lib.TrainConfig, method: str, options: RunOptions, data:
   """Trains one (method, seed); returns ``"done"``, ``"skipped"``, ``"stopped"``
   (``--max-steps``), ``"interrupted"`` (SIGINT/SIGTERM) or ``"locked"`` (another process is
   running it: :meth:`experiments.run_folder.RunFolder.lock`)."""
-  import jax
   run = run_folder.RunFolder(options.run_dir(method, cfg.seed))
   if jax.process_index() != 0:  # several hosts: process 0 alone writes the run folder
     return _run_locked(cfg, method, options, data, mesh, cache, run)
@@ -163,14 +112,7 @@ def run_one(cfg: config_lib.TrainConfig, method: str, options: RunOptions, data:
 
 def _run_locked(cfg: config_lib.TrainConfig, method: str, options: RunOptions, data: Data,
                 mesh, cache: dict, run: "run_folder.RunFolder") -> str:
-  import jax
-  import numpy as np
 
-  from nc_jax import loop, train
-  from nc_jax.checkpoint import Checkpointer, has_checkpoint
-  from nc_jax.data import batching
-  from nc_jax.data.streaming import StreamingLoader
-  from experiments import tb_writer
 
   folder = run.path
   title = f"{options.experiment}/{method}/seed-{cfg.seed}"
@@ -205,35 +147,13 @@ def _run_locked(cfg: config_lib.TrainConfig, method: str, options: RunOptions, d
     run_folder.check_same_run(run, config_json)
   folder.mkdir(parents=True, exist_ok=True)
 
-  k = data.info.num_classes
-  train.check_batch_size(cfg.batch_size, mesh)
-  if data.stream:
-    train_data = StreamingLoader(data.train, cfg.data_spec(True), batch_size=cfg.batch_size,
-                                 train=True, seed=cfg.seed, stratified=cfg.use_stratified,
-                                 labels=data.train_labels, num_classes=k, num_threads=16)
-    eval_data = StreamingLoader(data.test, data.info.spec(False), batch_size=cfg.batch_size,
-                                train=False, num_threads=16)
-    steps_per_epoch = len(train_data)
-  else:
-    steps_per_epoch = batching.num_batches(data.num_train, cfg.batch_size)
+  pipe = cfg.pipeline(data.train, data.test, mesh)
+  steps_per_epoch = pipe.steps_per_epoch
   key = dataclasses.replace(cfg, seed=0)
   if key not in cache:
     cache.clear()  # one compiled configuration at a time
-    cache[key] = _compile(cfg, data, mesh, steps_per_epoch)
+    cache[key] = _compile(cfg, pipe, steps_per_epoch)
   compiled = cache[key]
-  if not data.stream:
-    nc_train, nc_test = data.on_device
-    train_data = loop.DeviceData(*nc_train, cfg.data_spec(True))
-    eval_data = loop.DeviceData(*nc_test, data.info.spec(False))
-  else:
-    nc_train, nc_test = data.train, data.test
-  nc_size = options.nc_examples or (50_000 if data.stream else None)
-  if data.stream:  # the first examples (tfds shuffles records when it prepares a dataset)
-    nc_ids = None if nc_size is None or nc_size >= data.num_train else range(nc_size)
-    nc_test_ids = None if nc_size is None or nc_size >= data.num_test else range(nc_size)
-  else:
-    nc_ids = balanced_subset(data.train_labels, nc_size, k, seed=1)
-    nc_test_ids = balanced_subset(data.test_labels, nc_size, k, seed=1)
 
   state = train.create_train_state(compiled.model, compiled.tx, compiled.head_config,
                                    jax.random.PRNGKey(cfg.seed), compiled.sample_input,
@@ -273,10 +193,8 @@ def _run_locked(cfg: config_lib.TrainConfig, method: str, options: RunOptions, d
       rec.update({f"test_{m}": fit_record["eval"][m] for m in ("loss", "top1", "top5")})
     if (e - 1) % options.nc_every == 0 or e == cfg.epochs:
       t_nc = time.perf_counter()
-      tr = nc_pass(compiled, current, nc_train, data.train_labels, nc_ids, cfg.batch_size, mesh,
-                   data)
-      te = nc_pass(compiled, current, nc_test, data.test_labels, nc_test_ids, cfg.batch_size,
-                   mesh, data)
+      tr = nc_pass(compiled, current, pipe, "train", data.nc_train_ids)
+      te = nc_pass(compiled, current, pipe, "eval", data.nc_test_ids)
       rec.update(_nc_record(tr, "nc_train_"))
       rec.update(_nc_record(te, "nc_test_"))
       if tr["cosine_margins"] is not None:
@@ -294,15 +212,12 @@ def _run_locked(cfg: config_lib.TrainConfig, method: str, options: RunOptions, d
       writer.flush()
     progress.epoch(rec, cfg.epochs)
 
-  train_fn, eval_fn = compiled.steps
-
   def on_step(epoch, batch):
     progress.step()
 
   try:
-    result = loop.fit(state, train_data, steps=(train_fn, eval_fn), epochs=cfg.epochs,
-                      batch_size=cfg.batch_size, num_classes=k, stratified=cfg.use_stratified,
-                      eval_data=eval_data, eval_every=options.eval_every, mesh=mesh,
+    result = loop.fit(state, pipe, steps=compiled.steps, epochs=cfg.epochs,
+                      eval_every=options.eval_every,
                       checkpointer=checkpointer, checkpoint_every=options.checkpoint_every,
                       position=position, max_steps=options.max_steps, on_epoch=on_epoch,
                       on_step=on_step)
@@ -319,8 +234,7 @@ def _run_locked(cfg: config_lib.TrainConfig, method: str, options: RunOptions, d
   if not writes:
     return "done"
   if not run.margins_path.exists():  # killed after the final checkpoint, before the margins
-    tr = nc_pass(compiled, result.state, nc_train, data.train_labels, nc_ids, cfg.batch_size,
-                 mesh, data)
+    tr = nc_pass(compiled, result.state, pipe, "train", data.nc_train_ids)
     if tr["cosine_margins"] is not None:
       _save_margins(run, tr["cosine_margins"])
   wall = records[-1]["elapsed"] if records else 0.0
@@ -343,14 +257,12 @@ def _tb_tag(key: str) -> str:
 
 def _save_margins(run: "run_folder.RunFolder", margins) -> None:
   """Sorted per-sample cosine margins to ``margins.npy``, atomically."""
-  import numpy as np
   tmp = run.margins_path.with_name("margins.tmp.npy")
   np.save(tmp, np.sort(np.asarray(margins, np.float32)))
   tmp.replace(run.margins_path)
 
 
 def _plot_run(folder: pathlib.Path) -> None:
-  from experiments import report
   run = report.load_run(folder, folder.parent.name)
   if run is not None:
     report.plot_metrics({run.method: [run]}, folder / "metrics.png", title=str(folder))
@@ -365,14 +277,10 @@ def _plot_run(folder: pathlib.Path) -> None:
 def main(experiment: str, argv: Sequence[str] | None = None) -> dict[tuple[str, int], str]:
   """Runs ``--methods`` × ``--seeds`` of ``experiment``; returns each run's outcome."""
   if "--distributed" in (sys.argv[1:] if argv is None else argv):
-    import jax
     jax.distributed.initialize()  # before anything touches the devices (parse_args does)
   options, base = parse_args(experiment, argv)
-  from nc_jax import train
   mesh = train.make_mesh(select_devices(options.devices))
-  data = load_data(base, options)
-  if not data.stream:  # once for the whole sweep
-    data.on_device = train.replicate((data.train, data.test), mesh)
+  data = load_data(base, options, mesh)
   if not options.quiet:
     print(f"{experiment}: {base.model} ({base.stem} stem), {base.optimizer}, batch "
           f"{base.batch_size}, {base.epochs} epochs, {data.num_train} train / "
@@ -393,8 +301,6 @@ def main(experiment: str, argv: Sequence[str] | None = None) -> dict[tuple[str, 
 
 def cli(experiment: str) -> None:
   """Entry point of ``python -m experiments.<experiment>``: errors as messages, not tracebacks."""
-  from nc_jax.data.sources import DataNotFoundError
-  from nc_jax.train import TrainingFault
   try:
     outcomes = main(experiment, sys.argv[1:])
   except (DataNotFoundError, ValueError, TrainingFault) as err:

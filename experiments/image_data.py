@@ -1,7 +1,9 @@
 """The image runner's data: both splits of a sweep, loaded once, subset as the options ask.
 
-Device-resident splits (MNIST … STL10) are host arrays put on the mesh once per sweep;
-ImageNet streams from a random-access tfds source (:mod:`nc_jax.data.streaming`).
+Device-resident datasets (MNIST … STL10) are put on the mesh once per sweep; ImageNet streams
+from a random-access tfds source. Either way a split is a pair ``(images or source, labels)``
+that :meth:`nc_jax.config.TrainConfig.pipeline` turns into the run's
+:class:`~nc_jax.pipeline.Pipeline`, so the runner itself never asks which kind it has.
 """
 
 from __future__ import annotations
@@ -9,45 +11,51 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import numpy as np
+
 from experiments.cli import RunOptions
 from nc_jax import config as config_lib
+from nc_jax import train
+from nc_jax.data import sources
 from nc_jax.data.subsets import Subset, balanced_subset, source_labels
 
+#: NC metrics of a streamed dataset use at most this many examples per split by default.
+STREAM_NC_EXAMPLES = 50_000
 
-@dataclasses.dataclass
+
+@dataclasses.dataclass(frozen=True)
 class Data:
-  """The loaded splits of a sweep (shared by its runs)."""
+  """The loaded splits of a sweep (shared by its runs).
+
+  Attributes:
+    info: the dataset's :class:`~nc_jax.data.DatasetInfo`.
+    train, test: ``(images on the mesh, labels)`` or ``(random-access source, labels or
+      None)`` (streamed: labels are read only when a subset or stratification needs them).
+    num_train, num_test: examples per split.
+    nc_train_ids, nc_test_ids: the examples of the NC metrics (``None``: all).
+  """
   info: Any
-  stream: bool
-  train: Any            # (images, labels) host arrays, or a random-access source
-  test: Any
-  train_labels: Any     # (N,) host labels; streaming: None unless stratified or subset
-  test_labels: Any
-  on_device: Any = None  # device pipeline: ((images, labels) train, test) replicated on the mesh
-
-  @property
-  def num_train(self) -> int:
-    return len(self.train) if self.stream else int(self.train_labels.shape[0])
-
-  @property
-  def num_test(self) -> int:
-    return len(self.test) if self.stream else int(self.test_labels.shape[0])
+  train: tuple
+  test: tuple
+  num_train: int
+  num_test: int
+  nc_train_ids: Any
+  nc_test_ids: Any
 
 
-def load_data(cfg: config_lib.TrainConfig, options: RunOptions) -> Data:
-  """Both splits, subset as the options ask (subsets are fixed: seed 0, the same for every
-  run of a sweep, so seeds differ only in what they should)."""
-  import numpy as np
-
-  from nc_jax.data import sources
+def load_data(cfg: config_lib.TrainConfig, options: RunOptions, mesh) -> Data:
+  """Both splits, subset as the options ask (subsets are fixed: seed 0 for the splits, 1 for
+  the NC subsets, the same for every run of a sweep, so seeds differ only in what they
+  should)."""
   info = cfg.info
   k = info.num_classes
+  sizes = (("train", options.train_examples), ("test", options.test_examples))
   if info.pipeline == "stream":
     if cfg.source != "tfds":
       raise ValueError(f"source: {info.name} streams from tfds (images vary in size); got "
                        f"{cfg.source!r}")
     splits = []
-    for split, size in (("train", options.train_examples), ("test", options.test_examples)):
+    for split, size in sizes:
       src = sources.tfds_source(info.name, split, cfg.data_dir)
       labels = None
       # Labels are only read (a pass over the records) when a subset or stratification needs
@@ -58,15 +66,22 @@ def load_data(cfg: config_lib.TrainConfig, options: RunOptions) -> Data:
         if ids is not None:
           src, labels = Subset(src, ids), labels[ids]
       splits.append((src, labels))
-    (tr, tr_y), (te, te_y) = splits
-    return Data(info, True, tr, te, tr_y, te_y)
-  out = []
-  for split, size in (("train", options.train_examples), ("test", options.test_examples)):
+    n_train, n_test = (len(s) for s, _ in splits)
+    # The first examples (tfds shuffles the records when it prepares a dataset).
+    nc = options.nc_examples or STREAM_NC_EXAMPLES
+    return Data(info, splits[0], splits[1], n_train, n_test,
+                None if nc >= n_train else range(nc), None if nc >= n_test else range(nc))
+  host = []
+  for split, size in sizes:
     images, labels, _ = sources.load_split(
         info, split, source=cfg.source, path=cfg.data_path, data_dir=cfg.data_dir,
         num_examples=cfg.num_examples, seed=0)
     ids = balanced_subset(labels, size, k)
     if ids is not None:
       images, labels = images[ids], labels[ids]
-    out.append((np.ascontiguousarray(images), np.asarray(labels, np.int32)))
-  return Data(info, False, out[0], out[1], out[0][1], out[1][1])
+    host.append((np.ascontiguousarray(images), np.asarray(labels, np.int32)))
+  (_, train_y), (_, test_y) = host
+  nc = options.nc_examples
+  placed = train.replicate(tuple(host), mesh)  # once for the whole sweep
+  return Data(info, placed[0], placed[1], len(train_y), len(test_y),
+              balanced_subset(train_y, nc, k, seed=1), balanced_subset(test_y, nc, k, seed=1))

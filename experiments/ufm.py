@@ -36,9 +36,17 @@ import sys
 import time
 from typing import Sequence
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
 from experiments import run_folder
 from experiments.cli import parse_methods, parse_seeds
+from nc_jax import heads, metrics, train
 from nc_jax.config import METHOD_VARIANTS, METHODS
+from nc_jax.evaluate import nc_evaluate
+
 PRESETS = {
     "ufm10": dict(classes=10, samples_per_class=100, dim=512),
     "ufm100": dict(classes=100, samples_per_class=100, dim=512),
@@ -139,13 +147,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> UFMConfig:
 
 def run_one(cfg: UFMConfig, method: str, seed: int, log=print) -> dict:
   """Trains one method with one seed; returns ``{"history": [...], "margins": ndarray}``."""
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-  import optax
 
-  from nc_jax import heads, metrics, train
-  from nc_jax.evaluate import nc_evaluate
 
   k, n, d = cfg.classes, cfg.classes * cfg.samples_per_class, cfg.dim
   variant = METHOD_VARIANTS[method]
@@ -221,7 +223,6 @@ def run_config(cfg: UFMConfig, method: str, seed: int) -> dict:
 
 def save_run(run: run_folder.RunFolder, config: dict, result: dict) -> None:
   """Config, records and margins, then ``done.json`` last (a run without it is not finished)."""
-  import numpy as np
   run.path.mkdir(parents=True, exist_ok=True)
   run_folder.write_json(run.config_path, config)
   run.write_records(result["history"])
@@ -237,7 +238,6 @@ def load_finished(run: run_folder.RunFolder, config: dict) -> dict | None:
   Raises:
     ValueError: it finished with another configuration (listed): reusing it would mix runs.
   """
-  import numpy as np
   if not run.done_path.exists():
     return None
   saved = run_folder.read_json(run.config_path)
@@ -258,9 +258,7 @@ def first_iteration(history: list[dict], key: str, predicate) -> int | None:
 
 def summary(cfg: UFMConfig, results: dict[str, list[dict]]) -> str:
   """Iterations to NC1 thresholds and 100 % accuracy, and final metrics (median over seeds)."""
-  import numpy as np
 
-  from nc_jax import metrics
   bound = metrics.ce_lower_bound(cfg.classes, cfg.tau)
   lines = [f"UFM (K={cfg.classes}, N={cfg.classes * cfg.samples_per_class}, d={cfg.dim}, "
            f"{cfg.iterations} iterations, {cfg.optimizer} lr={cfg.lr}, tau={cfg.tau}); "
@@ -293,12 +291,10 @@ def summary(cfg: UFMConfig, results: dict[str, list[dict]]) -> str:
 
 def plot(cfg: UFMConfig, results: dict[str, list[dict]], path: pathlib.Path) -> None:
   """Six panels, methods overlaid (median over seeds, min–max band)."""
-  import matplotlib
+  import matplotlib  # the [experiments] extra: only needed to plot
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  import numpy as np
 
-  from nc_jax import metrics
   # (record key, title, y label, scale); None: the per-sample margins at the end.
   panels = [("loss", "CE loss", "cross-entropy (train)", "log"),
             ("avg_cosine_margin", "average cosine margin", "mean cosine margin", "linear"),

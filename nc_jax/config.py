@@ -2,7 +2,7 @@
 
 :class:`TrainConfig` names everything a run needs (dataset, backbone, head,
 optimiser, batch and epochs, …) with the paper's recipe as defaults
-(paper-notes §5: ResNet18 with the ImageNet stem, BatchNorm without affine
+(docs/method.md §10: ResNet18 with the ImageNet stem, BatchNorm without affine
 parameters, τ = 5, AGD with gain 10, batch 256, 200 epochs, stratified batches
 for the implicit method). :meth:`TrainConfig.validate` rejects a bad
 configuration before any data is read or anything compiled, naming the field,
@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from nc_jax import heads, models, optim
+from nc_jax import pipeline as pipeline_lib
 from nc_jax.data import registry
 from nc_jax.data.sources import SOURCES
 
@@ -183,6 +184,31 @@ class TrainConfig:
         bias=self.bias, renormalise_rows=self.renormalise_rows, rotation_seed=self.rotation_seed,
         forward_only=self.forward_only, delta=self.delta, solver=self.solver,
         factorisation=self.factorisation)
+
+  def pipeline(self, train_split: tuple, eval_split: tuple | None = None,
+               mesh=None) -> pipeline_lib.Pipeline:
+    """The run's data (:mod:`nc_jax.pipeline`): batch size, stratification, augmentation
+    (``augment``) and seed from this configuration.
+
+    Args:
+      train_split, eval_split: ``(images, labels)``: uint8 ``(N, H, W, C)`` images (the
+        dataset's ``device_shape``, host or already on ``mesh``) and ``(N,)`` labels for the
+        datasets that fit on the device (→ :class:`~nc_jax.pipeline.DevicePipeline`);
+        ``(source, labels or None)`` with a random-access source for the streamed ones
+        (ImageNet → :class:`~nc_jax.pipeline.StreamingPipeline`; labels are needed for
+        stratified batches). ``eval_split`` may be ``None``.
+      mesh: the data-parallel mesh (``None``: one device).
+    """
+    info = self.info
+    common = dict(train_spec=self.data_spec(True), eval_spec=self.data_spec(False),
+                  batch_size=self.batch_size, num_classes=info.num_classes,
+                  stratified=self.use_stratified, mesh=mesh)
+    if info.pipeline == "stream":
+      source, labels = train_split
+      return pipeline_lib.StreamingPipeline(
+          source, None if eval_split is None else eval_split[0], train_labels=labels,
+          seed=self.seed, **common)
+    return pipeline_lib.DevicePipeline.create(train_split, eval_split, **common)
 
   def backbone(self):
     kwargs: dict[str, Any] = {"affine": self.affine,

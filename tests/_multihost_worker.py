@@ -32,6 +32,7 @@ def main(process_id: int, num_processes: int, port: str, out: str) -> None:
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from nc_jax import heads, loop, train
   from nc_jax.data.augment import AugmentSpec
+  from nc_jax.pipeline import DevicePipeline
 
   class Net(nn.Module):
     @nn.compact
@@ -76,13 +77,11 @@ def main(process_id: int, num_processes: int, port: str, out: str) -> None:
   image_model = ImageNet()
   fit_state = train.create_train_state(image_model, tx, cfg, jax.random.PRNGKey(1),
                                        jnp.zeros((2, 6, 6, 1)))
-  steps = loop.compile_data_steps(mesh, spec, spec.eval_spec(), model=image_model, tx=tx,
-                                  head_config=cfg)
-  device_data = loop.DeviceData(*train.replicate((images, labels), mesh), spec)
-  fitted = loop.fit(train.replicate(fit_state, mesh), device_data, steps=steps, epochs=2,
-                    batch_size=32, num_classes=k, stratified=True, mesh=mesh,
-                    eval_data=loop.DeviceData(device_data.images, device_data.labels,
-                                              spec.eval_spec()))
+  data = DevicePipeline.create((images, labels), (images, labels), train_spec=spec,
+                               eval_spec=spec.eval_spec(), batch_size=32, num_classes=k,
+                               stratified=True, mesh=mesh)
+  steps = data.compile(model=image_model, tx=tx, head_config=cfg)
+  fitted = loop.fit(train.replicate(fit_state, mesh), data, steps=steps, epochs=2)
   leaves += [local_copy(a) for a in jax.tree.leaves((fitted.state.params, fitted.state.head))]
   summed["fit_eval_top1"] = np.asarray(fitted.history[-1]["eval"]["top1"])
   if jax.process_index() == 0:

@@ -8,6 +8,7 @@ import dataclasses
 import importlib
 import json
 import re
+import pathlib
 import subprocess
 import sys
 
@@ -126,7 +127,8 @@ def test_cli_reports_missing_data_without_traceback(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "experiments.fashion_mnist", "--source", "idx", "--data-path",
        str(tmp_path / "nowhere"), "--out", str(tmp_path), "--quiet"],
-      capture_output=True, text=True, timeout=300)
+      cwd=pathlib.Path(__file__).resolve().parents[1], capture_output=True, text=True,
+      timeout=300)
   assert proc.returncode == 2
   assert proc.stderr.startswith("error:") and "Traceback" not in proc.stderr
   assert "nowhere" in proc.stderr

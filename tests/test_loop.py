@@ -1,4 +1,5 @@
-"""The epoch loop: device-resident data, checkpoints, resume == uninterrupted, signals, sharding."""
+"""The epoch loop and its data pipelines: device-resident and streaming data through one
+interface, checkpoints, resume == uninterrupted, faults, signals, sharding."""
 
 import os
 import signal
@@ -10,9 +11,11 @@ import numpy as np
 import optax
 import pytest
 
-from nc_jax import heads, loop, solver, train
+from nc_jax import evaluate, heads, loop, solver, train
 from nc_jax.checkpoint import Checkpointer
+from nc_jax.data import ArraySource
 from nc_jax.data.augment import AugmentSpec
+from nc_jax.pipeline import DevicePipeline, StreamingPipeline
 
 K = 4
 SPEC_TRAIN = AugmentSpec(mean=(0.5,), std=(0.25,), channels=1, flip=True, crop_padding=1)
@@ -39,26 +42,27 @@ def image_data(n=96, seed=0):
   return jnp.asarray(images), jnp.asarray(labels, jnp.int32)
 
 
-def make_run(kind="implicit", mesh=None, dtype=jnp.float32, **head_kwargs):
+def make_run(kind="implicit", mesh=None, dtype=jnp.float32, labels=None, stratified=True,
+             **head_kwargs):
+  """(state, steps, data): a device pipeline whose evaluation split is the training split."""
   model = FlatNet(dtype)
   cfg = heads.HeadConfig(kind, num_classes=K, feature_dim=8, **head_kwargs)
   tx = optax.sgd(0.05, momentum=0.9)
-  images, labels = image_data()
+  images, clean = image_data()
+  labels = clean if labels is None else labels
   state = train.create_train_state(model, tx, cfg, jax.random.PRNGKey(1),
                                    jnp.zeros((8, 6, 6, 1), dtype))
-  steps = loop.compile_data_steps(mesh, SPEC_TRAIN, SPEC_EVAL, model=model, tx=tx,
-                                  head_config=cfg)
-  data = loop.DeviceData(images, labels, SPEC_TRAIN)
+  data = DevicePipeline.create((images, labels), (images, clean), train_spec=SPEC_TRAIN,
+                               eval_spec=SPEC_EVAL, batch_size=32, num_classes=K,
+                               stratified=stratified, mesh=mesh)
   if mesh is not None:
     state = train.replicate(state, mesh)
-    data = loop.DeviceData(*train.replicate((images, labels), mesh), SPEC_TRAIN)
-  return state, steps, data
+  return state, data.compile(model=model, tx=tx, head_config=cfg), data
 
 
 def run(state, steps, data, **kw):
   kw.setdefault("epochs", 3)
-  return loop.fit(state, data, steps=steps, batch_size=32, num_classes=K, stratified=True,
-                  eval_data=loop.DeviceData(data.images, data.labels, SPEC_EVAL), **kw)
+  return loop.fit(state, data, steps=steps, **kw)
 
 
 def assert_trees_equal(a, b):
@@ -160,14 +164,12 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
 def test_out_of_range_labels_stop_the_run(tmp_path):
   """Labels outside [0, K) would be dropped by the class sums and the loss mask and training
   would go on; they are counted on device and stop the run when the epoch is read."""
-  state, steps, data = make_run()
-  labels = data.labels.at[5].set(K)
+  # (Stratified plans check labels on the host already; a plain shuffle does not look.)
+  state, steps, data = make_run(labels=image_data()[1].at[5].set(K), stratified=False)
   with Checkpointer(tmp_path / "ck") as ck:
     with pytest.raises(train.BadLabels, match=r"^labels: 1 training label\(s\) outside "
                        r"\[0, K\) \(first at global step \d, epoch 1\)"):
-      # (Stratified plans check labels on the host already; a plain shuffle does not look.)
-      loop.fit(state, loop.DeviceData(data.images, labels, SPEC_TRAIN), steps=steps, epochs=2,
-               batch_size=32, num_classes=K, stratified=False, checkpointer=ck)
+      loop.fit(state, data, steps=steps, epochs=2, checkpointer=ck)
     assert ck.latest_step() is None
 
 
@@ -190,42 +192,80 @@ def test_sharded_fit_equals_single_device():
   """8 fake devices, float64: the data-parallel run computes the single-device run."""
   single = run(*make_run(dtype=jnp.float64), epochs=2)
   mesh = train.make_mesh()
-  sharded = run(*make_run(mesh=mesh, dtype=jnp.float64), epochs=2, mesh=mesh)
+  sharded = run(*make_run(mesh=mesh, dtype=jnp.float64), epochs=2)
   for a, b in zip(jax.tree.leaves(single.state), jax.tree.leaves(sharded.state)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-9, atol=1e-10)
   assert single.history[-1]["eval"] == pytest.approx(sharded.history[-1]["eval"])
 
 
-def streaming_run(stratified=True):
-  from nc_jax.data import ArraySource, StreamingLoader
+def streaming_run(stratified=True, seed=3):
   model = FlatNet()
   cfg = heads.HeadConfig("implicit", num_classes=K, feature_dim=8)
   tx = optax.sgd(0.05, momentum=0.9)
   images, labels = (np.asarray(a) for a in image_data())
   source = ArraySource(images, labels)
-  loader = StreamingLoader(source, SPEC_TRAIN, batch_size=32, train=True, seed=3,
-                           stratified=stratified, labels=labels, num_classes=K, num_threads=2)
-  evaluation = StreamingLoader(source, SPEC_EVAL, batch_size=40, train=False)
+  data = StreamingPipeline(source, source, train_spec=SPEC_TRAIN, eval_spec=SPEC_EVAL,
+                           batch_size=32, num_classes=K, stratified=stratified,
+                           train_labels=labels, seed=seed, num_threads=2)
   state = train.create_train_state(model, tx, cfg, jax.random.PRNGKey(1), jnp.zeros((8, 6, 6, 1)))
-  steps = (train.compile_train_step(None, model=model, tx=tx, head_config=cfg),
-           train.compile_eval_step(None, model=model, head_config=cfg))
-  return state, steps, loader, evaluation
+  return state, data.compile(model=model, tx=tx, head_config=cfg), data
 
 
 def test_streaming_fit_resumes_bitwise(tmp_path):
-  state, steps, loader, evaluation = streaming_run()
-  full = loop.fit(state, loader, steps=steps, epochs=2, batch_size=32, num_classes=K,
-                  eval_data=evaluation)
+  state, steps, data = streaming_run()
+  full = loop.fit(state, data, steps=steps, epochs=2)
   assert full.history[-1]["eval"]["count"] == 96          # padded last eval batch masked
-  state2, steps2, loader2, evaluation2 = streaming_run()
+  state2, steps2, data2 = streaming_run()
   with Checkpointer(tmp_path / "ck") as ck:
-    part = loop.fit(state2, loader2, steps=steps2, epochs=2, batch_size=32, num_classes=K,
-                    checkpointer=ck, max_steps=4)
-    template, steps3, loader3, evaluation3 = streaming_run()
+    part = loop.fit(state2, data2, steps=steps2, epochs=2, checkpointer=ck, max_steps=4)
+    template, steps3, data3 = streaming_run()
     restored, position = ck.restore(template)
   assert part.stopped and (position["epoch"], position["batch"]) == (1, 1)
-  rest = loop.fit(restored, loader3, steps=steps3, epochs=2, batch_size=32, num_classes=K,
-                  eval_data=evaluation3, position=position)
+  rest = loop.fit(restored, data3, steps=steps3, epochs=2, position=position)
   assert_trees_equal(full.state, rest.state)
   assert full.history[-1]["eval"] == rest.history[-1]["eval"]
   assert full.history[-1]["train"] == rest.history[-1]["train"]   # the resumed epoch's record
+
+
+def test_device_and_streaming_pipelines_agree_on_evaluation_and_features():
+  """One interface, two kinds of data: on the same examples and state, the evaluation split's
+  metrics and the feature batches (all, and a subset with a padded last batch) agree; the
+  training batches cover one epoch of full batches from any start."""
+  state, steps, stream = streaming_run()
+  _, dsteps, device = make_run()
+  assert device.steps_per_epoch == stream.steps_per_epoch == 3
+  got = {name: loop.evaluate(s, state, d) for name, s, d in
+         (("device", dsteps, device), ("stream", steps, stream))}
+  assert got["device"]["count"] == got["stream"]["count"] == 96
+  for key in ("loss", "top1", "top5"):
+    assert got["device"][key] == pytest.approx(got["stream"][key], rel=1e-5, abs=1e-6)
+  for split, ids in (("train", None), ("eval", [5, 0, 17, 93, 42])):
+    h_dev, y_dev = evaluate.collect_features(dsteps.features(state, *a)
+                                             for a in device.feature_batches(split, ids))
+    h_str, y_str = evaluate.collect_features(steps.features(state, *a)
+                                             for a in stream.feature_batches(split, ids))
+    want = image_data()[1] if ids is None else image_data()[1][np.asarray(ids)]
+    np.testing.assert_array_equal(y_dev, want)
+    np.testing.assert_array_equal(y_str, want)
+    np.testing.assert_allclose(h_dev, h_str, rtol=1e-5, atol=1e-6)
+  for data in (device, stream):
+    rows = list(data.train_batches(state, epoch=1, start=1))
+    assert len(rows) == 2
+  with pytest.raises(ValueError, match=r"^split: expected one of \('train', 'eval'\), got 'test'"):
+    device.feature_batches("test")
+
+
+def test_pipeline_validates_its_splits():
+  images, labels = image_data()
+  common = dict(train_spec=SPEC_TRAIN, eval_spec=SPEC_EVAL, batch_size=32, num_classes=K)
+  with pytest.raises(ValueError, match=r"^train_split: expected uint8 images \(N, H, W, C\), "
+                     r"got float32"):
+    DevicePipeline.create((images.astype(jnp.float32), labels), **common)
+  with pytest.raises(ValueError, match=r"^eval_split: expected labels of shape \(96,\), got "
+                     r"\(95,\)"):
+    DevicePipeline.create((images, labels), (images, labels[:95]), **common)
+  with pytest.raises(ValueError, match=r"batch_size 128 is larger than the dataset \(96"):
+    DevicePipeline.create((images, labels), **{**common, "batch_size": 128})
+  no_eval = DevicePipeline.create((images, labels), **common)
+  with pytest.raises(ValueError, match=r"^split: this pipeline has no evaluation split"):
+    no_eval.eval_batches()
