@@ -84,19 +84,9 @@ _CHOICES = {
 # from --method(s)/--seed(s) (the forward-only ablation is the method "implicit-fo").
 _NOT_FLAGS = ("dataset", "head", "seed", "forward_only")
 _ALIASES = {"learning_rate": ("--lr",)}
-_HELP = {
-    "source": "tfds (prepared tensorflow-datasets), idx (MNIST-format files in --data-path), "
-              "npz (--data-path file) or synthetic (random images, for smoke tests)",
-    "data_path": "folder of IDX files (source idx) or .npz file (source npz)",
-    "data_dir": "tfds data_dir (default: tfds's)",
-    "num_examples": "examples per split for source synthetic",
-    "stratified": "stratified batches (default: on for the implicit method)",
-    "learning_rate": "not used by AGD (the paper's optimiser)",
-    "gain": "AGD gain (default 10, the paper's)",
-    "augment": "the dataset's training augmentation (--no-augment: normalisation only)",
-    "width": "ResNet stem/first-stage channels (paper: 64; narrower nets for CPU runs); MLP "
-             "hidden width",
-}
+# Flag help: each TrainConfig field's description (its metadata), with the flag spelling of
+# the fields it names.
+_FLAG_WORDS = (("data_path", "--data-path"), ("batch_size", "--batch-size"))
 
 
 def _choices() -> dict[str, tuple[str, ...] | None]:
@@ -151,16 +141,16 @@ def build_parser(experiment: str) -> argparse.ArgumentParser:
                      help=f"comma list of {', '.join(METHODS)} (default: the paper's three)")
   which.add_argument("--method", choices=METHODS, help="a single method")
   seeds = run.add_mutually_exclusive_group()
-  seeds.add_argument("--seeds", default="1", help="N, A-B or a comma list (paper: 1-5)")
+  seeds.add_argument("--seeds", default="1", help="N, A-B or a comma list (default: %(default)s; paper: 1-5)")
   seeds.add_argument("--seed", type=int, help="a single seed")
-  run.add_argument("--out", default="runs", help="runs go to <out>/<experiment>/<method>/seed-<n>")
+  run.add_argument("--out", default="runs", help="runs go to <out>/<experiment>/<method>/seed-<n> (default: %(default)s)")
   run.add_argument("--devices", default="all",
                    help="'all' (data-parallel over every device), N (the first N) or a comma "
-                        "list of device indices")
-  run.add_argument("--eval-every", type=int, default=1, help="test accuracy every N epochs")
+                        "list of device indices (default: %(default)s)")
+  run.add_argument("--eval-every", type=int, default=1, help="test accuracy every N epochs (default: %(default)s)")
   run.add_argument("--nc-every", type=int, default=5,
                    help="NC metrics on train and test at epochs 1, 1+N, ... and the last "
-                        "(official: 5)")
+                        "(default: %(default)s, the official code's)")
   run.add_argument("--nc-examples", type=int, default=None,
                    help="at most this many (class-balanced) train examples for the NC metrics "
                         "(default: all; ImageNet: 50000)")
@@ -168,8 +158,8 @@ def build_parser(experiment: str) -> argparse.ArgumentParser:
                    help="train on a class-balanced subset of this size (reduced runs)")
   run.add_argument("--test-examples", type=int, default=None,
                    help="evaluate on a class-balanced subset of this size")
-  run.add_argument("--checkpoint-every", type=int, default=10, help="epochs between checkpoints")
-  run.add_argument("--keep", type=int, default=2, help="checkpoints kept per run")
+  run.add_argument("--checkpoint-every", type=int, default=10, help="epochs between checkpoints (default: %(default)s)")
+  run.add_argument("--keep", type=int, default=2, help="checkpoints kept per run (default: %(default)s)")
   state = run.add_mutually_exclusive_group()
   state.add_argument("--resume", action="store_true",
                      help="continue runs that have a checkpoint (finished runs are always "
@@ -197,8 +187,14 @@ def build_parser(experiment: str) -> argparse.ArgumentParser:
       continue
     flags = (f"--{name.replace('_', '-')}",) + _ALIASES.get(name, ())
     default = getattr(defaults, name)
+    text = field.metadata["help"]
+    for word, flag in _FLAG_WORDS:
+      text = text.replace(word, flag)
+    # None defaults are described by the text itself ("None: ..."); argparse's
+    # BooleanOptionalAction adds no second default when the help names it.
+    text = text.replace("None:", "unset:")
     kw: dict[str, Any] = {"dest": name, "default": default,
-                          "help": _HELP.get(name, "") + f" (default: {default})"}
+                          "help": text if default is None else text + " (default: %(default)s)"}
     kind = types_[name]
     if kind == "bool":
       kw["action"] = argparse.BooleanOptionalAction

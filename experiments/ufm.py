@@ -85,25 +85,33 @@ NOT_RUN_DEFINING = ("methods", "seeds", "out", "quiet", "plot", "overwrite")
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m experiments.ufm",
                               description="Unconstrained features model (paper's UFM figures).")
-  p.add_argument("--preset", choices=sorted(PRESETS), default="ufm10")
+  p.add_argument("--preset", choices=sorted(PRESETS), default="ufm10",
+                 help="K, N/K and d of the paper's UFM-10/100/200/1000 (default: %(default)s)")
   p.add_argument("--classes", type=int, help="K (overrides the preset)")
   p.add_argument("--samples-per-class", type=int, help="N/K (overrides the preset)")
   p.add_argument("--dim", type=int, help="feature dimension d (overrides the preset)")
   p.add_argument("--methods", default="standard,fixed,implicit",
-                 help=f"comma list of {', '.join(METHODS)}")
+                 help=f"comma list of {', '.join(METHODS)} (default: %(default)s)")
   p.add_argument("--seeds", default="1-5",
                  help="N, A-B or a comma list (default 1-5: the paper reports 5 seeds)")
-  p.add_argument("--iterations", type=int, default=2000)
-  p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
-  p.add_argument("--lr", type=float, default=None, help="default: 0.01 (adam), 100 (sgd)")
-  p.add_argument("--momentum", type=float, default=0.9, help="sgd only")
+  p.add_argument("--iterations", type=int, default=2000,
+                 help="full-batch training iterations (default: %(default)s, the paper's)")
+  p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam",
+                 help="optimiser of features and classifier (default: %(default)s)")
+  p.add_argument("--lr", type=float, default=None, help="learning rate (unset: 0.01 for adam, 100 for sgd)")
+  p.add_argument("--momentum", type=float, default=0.9,
+                 help="sgd momentum (default: %(default)s)")
   p.add_argument("--feature-decay", type=float, default=0.0,
-                 help="weight decay on the free features (official --sep_decay rate: 1e-4)")
-  p.add_argument("--tau", type=float, default=5.0)
-  p.add_argument("--eval-every", type=int, default=20)
-  p.add_argument("--out", default="runs/ufm")
+                 help="weight decay on the free features (default: %(default)s; the official "
+                      "--sep_decay rate: 1e-4)")
+  p.add_argument("--tau", type=float, default=5.0,
+                 help="feature norm τ (default: %(default)s)")
+  p.add_argument("--eval-every", type=int, default=20,
+                 help="NC metrics every N iterations (default: %(default)s)")
+  p.add_argument("--out", default="runs/ufm",
+                 help="runs go to <out>/<method>/seed-<n> (default: %(default)s)")
   p.add_argument("--quiet", action="store_true", help="no per-interval progress lines")
-  p.add_argument("--no-plot", action="store_true")
+  p.add_argument("--no-plot", action="store_true", help="no figure")
   p.add_argument("--overwrite", action="store_true",
                  help="run again seeds that finished earlier (default: reuse them)")
   return p

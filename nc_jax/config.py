@@ -53,6 +53,11 @@ METHOD_VARIANTS = types.MappingProxyType({
 METHODS = tuple(METHOD_VARIANTS)
 
 
+def _field(default: Any, help: str) -> Any:  # pylint: disable=redefined-builtin
+  """A field with its one-line description (the experiments' ``--help`` shows it)."""
+  return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """A training run (defaults: the paper's released recipe).
@@ -79,39 +84,60 @@ class TrainConfig:
   as the paper).
   Run: ``seed``.
   """
-  dataset: str = "cifar10"
-  augment: bool = True
-  source: str = "tfds"
-  data_path: str | None = None
-  data_dir: str | None = None
-  num_examples: int | None = None
-  model: str = "resnet18"
-  stem: str = "imagenet"
-  affine: bool = False
-  compute_dtype: str = "float32"
-  width: int | None = None
-  head: str = "implicit"
-  forward_only: bool = False
-  tau: float = 5.0
-  loss: str = "cross_entropy"
-  bias: bool = False
-  renormalise_rows: bool = True
-  rotation_seed: int | None = None
-  delta: float = 1e-3
-  solver: str = "polar"
-  factorisation: str = "auto"
-  optimizer: str = "agd"
-  learning_rate: float | None = None
-  momentum: float | None = None
-  nesterov: bool = False
-  weight_decay: float | None = None
-  schedule: str = "constant"
-  warmup_epochs: int = 0
-  gain: float | None = None
-  batch_size: int = 256
-  epochs: int = 200
-  stratified: bool | None = None
-  seed: int = 0
+  dataset: str = _field("cifar10", "dataset name (nc_jax.data.dataset_names())")
+  augment: bool = _field(
+      True, "the dataset's training augmentation (off: training batches are only normalised)")
+  source: str = _field(
+      "tfds",
+      "tfds (prepared tensorflow-datasets), idx (MNIST-format files in data_path), npz "
+      "(data_path file) or synthetic (random images, for smoke tests)")
+  data_path: str | None = _field(None, "folder of IDX files (source idx) or .npz file (source npz)")
+  data_dir: str | None = _field(None, "tfds data_dir (None: tfds's default)")
+  num_examples: int | None = _field(
+      None, "examples per split for source synthetic (None: the registry's size)")
+  model: str = _field("resnet18", "backbone (nc_jax.models.MODEL_NAMES)")
+  stem: str = _field(
+      "imagenet",
+      "ResNet stem: imagenet (7x7 stride 2 and max-pool, the paper's) or cifar (3x3 "
+      "stride 1)")
+  affine: bool = _field(
+      False, "BatchNorm scale and shift (off in the paper's recipe; AGD needs them off)")
+  compute_dtype: str = _field("float32", "compute dtype (parameters stay float32)")
+  width: int | None = _field(
+      None,
+      "ResNets: stem/first-stage channels (None: 64, the paper's); MLP: hidden width "
+      "(None: 512)")
+  head: str = _field("implicit", "classifier head (the method's; nc_jax.heads.HEAD_KINDS)")
+  forward_only: bool = _field(
+      False, "implicit head: no gradient through the nearest ETF (the paper's ablation)")
+  tau: float = _field(5.0, "feature norm τ the heads scale features to (the paper's: 5)")
+  loss: str = _field("cross_entropy", "training loss on the logits")
+  bias: bool = _field(False, "standard head: a learned classifier bias (AGD needs it off)")
+  renormalise_rows: bool = _field(
+      True, "standard head: unit-norm classifier rows after every step (the official code's)")
+  rotation_seed: int | None = _field(
+      None, "fixed head: seed of a random rotation of the ETF (None: the canonical ETF)")
+  delta: float = _field(1e-3, "implicit head: proximal weight δ of the nearest-ETF problem")
+  solver: str = _field(
+      "polar", "implicit head: polar (closed form) or rgd (Riemannian gradient descent)")
+  factorisation: str = _field(
+      "auto", "implicit head, polar solver: auto (by platform) or a fixed factorisation")
+  optimizer: str = _field("agd", "optimiser (AGD is the paper's; it needs no learning rate)")
+  learning_rate: float | None = _field(None, "base learning rate (sgd/adam/adamw; not used by AGD)")
+  momentum: float | None = _field(None, "sgd momentum (None: 0.9, the official default)")
+  nesterov: bool = _field(False, "sgd: Nesterov momentum")
+  weight_decay: float | None = _field(
+      None, "weight decay (None: 0; coupled for sgd/adam, decoupled for adamw)")
+  schedule: str = _field("constant", "learning-rate schedule (in optimiser steps)")
+  warmup_epochs: int = _field(0, "linear warm-up epochs of the schedule")
+  gain: float | None = _field(None, "AGD gain (None: 10, the paper's)")
+  batch_size: int = _field(256, "global batch size (all devices together)")
+  epochs: int = _field(200, "training epochs")
+  stratified: bool | None = _field(
+      None,
+      "stratified batches, every class in every batch (None: on for the implicit head "
+      "when batch_size >= K, as the paper)")
+  seed: int = _field(0, "run seed (initialisation, data order, augmentation)")
 
   @property
   def use_stratified(self) -> bool:

@@ -71,6 +71,22 @@ def test_every_train_config_field_is_a_flag():
       assert field.name in dests, field.name
 
 
+def test_every_flag_has_one_help_text_with_at_most_one_default():
+  """Each TrainConfig field's description (its metadata) is its flag's help; a default is
+  shown once, and unset defaults are described in words, never as "None"."""
+  parser = cli_lib.build_parser("fashion_mnist")
+  text = parser.format_help()
+  for action in parser._actions:
+    if action.dest == "help":
+      continue
+    assert action.help and action.help.strip(), action.dest
+    assert action.help.count("(default:") <= 1, action.help
+  assert "None" not in text and "(default: %" not in text
+  assert "--data-path" in text and "data_path" not in text.split("training configuration")[1]
+  for field in dataclasses.fields(cli_lib.config_lib.TrainConfig):
+    assert field.metadata["help"], field.name
+
+
 def test_seed_and_method_lists():
   assert cli_lib.parse_seeds("1-5") == (1, 2, 3, 4, 5)
   assert cli_lib.parse_seeds("1,4,4,7") == (1, 4, 7)

@@ -84,3 +84,10 @@ def test_bad_flags_fail_clearly(argv, match, capsys):
     ufm.config_from_args(argv)
   assert exit_info.value.code == 2
   assert match in capsys.readouterr().err
+
+
+def test_every_flag_has_a_help_text():
+  parser = ufm.build_parser()
+  for action in parser._actions:
+    assert action.help and action.help.strip(), action.dest
+    assert action.help.count("(default:") <= 1, action.help
