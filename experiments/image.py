@@ -303,7 +303,9 @@ def cli(experiment: str) -> None:
   """Entry point of ``python -m experiments.<experiment>``: errors as messages, not tracebacks."""
   try:
     outcomes = main(experiment, sys.argv[1:])
-  except (DataNotFoundError, ValueError, TrainingFault) as err:
+  except (DataNotFoundError, ValueError, TrainingFault, OSError) as err:
+    # OSError: e.g. a full disk while writing records or a checkpoint
+    # (nc_jax.checkpoint.CheckpointWriteError names the intact checkpoint to resume from).
     print(f"error: {err}", file=sys.stderr)
     raise SystemExit(2) from None
   if "interrupted" in outcomes.values():  # a signal; --max-steps is a requested stop: 0

@@ -123,6 +123,15 @@ class CheckpointWarning(UserWarning):
   """A damaged checkpoint was skipped, or a step folder was set aside."""
 
 
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written (a full disk, a file-size limit, a lost mount).
+
+  The unfinished write never counts as a checkpoint (it is removed before the next save), so
+  the newest complete checkpoint, which the message names, is intact: free the space and
+  resume from it.
+  """
+
+
 def _is_empty(x: Any) -> bool:
   return hasattr(x, "shape") and hasattr(x, "dtype") and 0 in tuple(x.shape)
 
@@ -313,6 +322,7 @@ class Checkpointer:
     self.read_only = bool(read_only)
     self.restored_step: int | None = None
     self._saved = False                     # rotation only once this object has saved
+    self._in_flight: int | None = None      # the step being written asynchronously
     self._found_damaged: dict[int, str] = {}  # steps restore could not read, and why
     # Rotation is done here (rename, then delete), never by Orbax (in place).
     options = ocp.CheckpointManagerOptions(max_to_keep=None, create=not self.read_only,
@@ -382,12 +392,40 @@ class Checkpointer:
                        f"({err})") from err
     record = {"step": step, "state_sha256": _state_digest(state)}
     position[RECORD_KEY] = {**record, "sha256": _digest({**position, RECORD_KEY: record})}
-    self._manager.wait_until_finished()
+    self._finish_write()
     self._tidy(step)
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(_fill_empty(state)), position=ocp.args.JsonSave(position)),
-        force=True)
+    self._in_flight = step
+    try:
+      self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(_fill_empty(state)),
+          position=ocp.args.JsonSave(position)), force=True)
+    except Exception as err:  # noqa: BLE001 -- any write failure: named, nothing lost
+      self._in_flight = None
+      raise self._write_error(step, err) from err
     self._saved = True
+
+  def _finish_write(self) -> None:
+    """Waits for the write in flight; its failure (raised by Orbax here, from its
+    background thread) becomes a :class:`CheckpointWriteError`."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as err:  # noqa: BLE001
+      step, self._in_flight = self._in_flight, None
+      raise self._write_error(step, err) from err
+    self._in_flight = None
+
+  def _write_error(self, step: int | None, err: BaseException) -> CheckpointWriteError:
+    cause = " ".join(str(err).split())
+    if len(cause) > 400:  # the OS error ("No space left on device") is at the end
+      cause = cause[:150] + " … " + cause[-250:]
+    newest = [s for s in _finished_steps(self.directory)
+              if s != step and _inspect(self.directory, s)[2] is None]
+    kept = (f"the newest complete checkpoint, step {newest[-1]}, is intact" if newest else
+            "there is no earlier checkpoint")
+    return CheckpointWriteError(
+        f"{self.directory}: checkpoint step {step} could not be written "
+        f"({type(err).__name__}: {cause}); the unfinished write does not count and {kept}. "
+        f"Free disk space (or raise the limit) and resume")
 
   def _tidy(self, step: int) -> None:
     """Before saving ``step``: unfinished writes removed; steps ``>= step`` and
@@ -439,8 +477,12 @@ class Checkpointer:
 
   def wait(self) -> None:
     """Waits for the save in flight; then (process 0, once this object has saved)
-    rotates to the newest ``keep`` checkpoints."""
-    self._manager.wait_until_finished()
+    rotates to the newest ``keep`` checkpoints.
+
+    Raises:
+      CheckpointWriteError: the save in flight failed (e.g. the disk is full).
+    """
+    self._finish_write()
     if self._saved and jax.process_index() == 0:
       self._rotate()
 

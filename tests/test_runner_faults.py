@@ -45,12 +45,14 @@ def reference(tmp_path_factory):
   return records(folder), np.load(folder / "margins.npy")
 
 
-def run_child(out, argv=(), kill_after_final_checkpoint=False):
+def run_child(out, argv=(), kill_after_final_checkpoint=False, disk_full_after_epoch=None):
   """The sweep in a child process (the CLI, as a user runs it); optionally SIGKILLed right
-  after the final checkpoint is written, before done.json. (Kills inside a checkpoint write:
-  tests/test_checkpoint_faults.py.)"""
+  after the final checkpoint is written, before done.json, or with files limited to 64 KB
+  (RLIMIT_FSIZE: writes fail with EFBIG, as on a full disk) once the checkpoint of epoch
+  ``disk_full_after_epoch`` is written. (Kills inside a checkpoint write:
+  tests/test_checkpoint_faults.py.) Returns the child's stderr."""
   script = textwrap.dedent(f"""
-      import os, signal, sys
+      import os, resource, signal, sys
       sys.argv = ["cifar10"] + {SMOKE + ["--out", str(out)] + list(argv)!r}
       from nc_jax import checkpoint
       real_save = checkpoint.Checkpointer.save
@@ -59,14 +61,68 @@ def run_child(out, argv=(), kill_after_final_checkpoint=False):
         if {kill_after_final_checkpoint!r} and position["epoch"] == 3:
           self.wait()
           os.kill(os.getpid(), signal.SIGKILL)
+        if position["epoch"] == {disk_full_after_epoch!r}:
+          self.wait()
+          signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead
+          resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, resource.RLIM_INFINITY))
       checkpoint.Checkpointer.save = save
       from experiments import image
       image.cli("cifar10")
       """)
   proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
                         text=True, timeout=300)
-  want = -signal.SIGKILL if kill_after_final_checkpoint else 0
+  want = (-signal.SIGKILL if kill_after_final_checkpoint else
+          2 if disk_full_after_epoch is not None else 0)
   assert proc.returncode == want, proc.stderr[-2000:]
+  return proc.stderr
+
+
+def test_kill_at_random_moments_then_resume_gives_identical_records(tmp_path):
+  """SIGKILL the CLI at seeded random moments (start-up, training, an NC pass, a checkpoint
+  write: wherever the clock falls); each time, resuming (repeatedly, killed again at another
+  moment) ends with records and margins identical to an uninterrupted run's."""
+  run_child(tmp_path / "full")
+  full = folder_of(tmp_path / "full")
+  rng = np.random.default_rng(11)
+  out = tmp_path / "killed"
+  folder = folder_of(out)
+  script = textwrap.dedent(f"""
+      import sys
+      sys.argv = ["cifar10"] + {SMOKE + ["--out", str(out), "--resume"]!r}
+      from experiments import image
+      image.cli("cifar10")
+      """)
+  delays = []
+  for _ in range(3):
+    delay = float(rng.uniform(4.0, 14.0))
+    delays.append(round(delay, 2))
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+      proc.wait(timeout=delay)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode in (0, -signal.SIGKILL), (delays, err[-2000:])
+  run_child(out, ["--resume"])   # finishes whatever is left
+  assert json.loads((folder / "done.json").read_text())["epochs"] == 3, delays
+  assert records(folder) == records(full), delays
+  np.testing.assert_array_equal(np.load(folder / "margins.npy"), np.load(full / "margins.npy"))
+
+
+def test_full_disk_is_a_clear_error_and_the_run_resumes_identically(tmp_path):
+  """Files limited to 64 KB after the epoch-1 checkpoint (the epoch-2 checkpoint's arrays do
+  not fit): the run stops with one line naming the failed step and the intact one, exit 2;
+  resumed without the limit, its records and margins equal an uninterrupted run's."""
+  run_child(tmp_path / "full")
+  err = run_child(tmp_path / "disk", disk_full_after_epoch=1)
+  last = err.strip().splitlines()[-1]
+  assert last.startswith("error: ") and "checkpoint step 4 could not be written" in last
+  assert "File too large" in last and "the newest complete checkpoint, step 2, is intact" in last
+  run_child(tmp_path / "disk", ["--resume"])
+  folder, full = folder_of(tmp_path / "disk"), folder_of(tmp_path / "full")
+  assert records(folder) == records(full)
+  np.testing.assert_array_equal(np.load(folder / "margins.npy"), np.load(full / "margins.npy"))
 
 
 def test_kill_after_the_final_checkpoint_resumes_to_identical_results(tmp_path):
