@@ -15,12 +15,66 @@ For each experiment folder it writes (into the folder itself, or ``--out``):
   epochs (train = running mean over the epoch's augmented batches, and test);
   final neural-collapse metrics (the last NC epoch of each run, train and test
   NC passes); convergence (epochs and wall seconds to 100 % train top-1 and to
-  train NC1 below 1e-1, 1e-2, 1e-3, with the number of seeds that got there).
+  train NC1 below 1e-1, 1e-2, 1e-3, with the number of seeds that got there
+  and "not reached (k of n)"); under the final-NC and the convergence tables,
+  the tests between methods (below).
 * ``report.csv``: the same numbers in long format, one row per
-  (table, method, metric, split, epoch).
+  (table, method, metric, split, epoch), then one row per test (below).
 * ``metrics.png``: metrics against epoch, methods overlaid (median over seeds,
   min–max band); ``margins.png``: the sorted per-sample cosine margin at the
   end of training against normalised sample rank.
+
+Tests between methods (:mod:`experiments.significance` has the details and the
+reasons). For each convergence criterion (epochs to it) and each final metric
+(test top-1 at the last epoch; the final train and test NC metrics), every
+pair in :func:`comparison_pairs` (each method against :data:`BASELINE`
+``standard``, and :data:`CLAIM_PAIRS`: ``implicit`` against ``fixed`` and
+``implicit-fo``, the paper's claims) gets
+
+* a **location** test: two-sided exact permutation test (all C(n1 + n2, n1)
+  relabellings of the seeds) on Gehan scores, i.e. the Mann–Whitney rank-sum
+  test with ties at mid-ranks, extended to right-censoring. With 3–5 seeds
+  per method no asymptotic distribution can be trusted, an exact permutation
+  test needs none, and ranks make it robust to one odd seed and indifferent to
+  the scale (epochs, NC1 in decades). Its floor is reported: the smallest
+  attainable p is 2 / C(n1 + n2, n1) without ties (0.0079 for 5 vs 5, 0.029 for
+  4 vs 4, 0.1 for 3 vs 3: with 3 seeds nothing is significant at 0.05, so
+  "n.s." there is no evidence of no effect).
+  **Censoring**: a run that never meets a criterion is right-censored at the
+  last epoch the criterion was checked (its last record with the key), known
+  only to be later than that: it ranks above every epoch at or before it, is
+  tied with the other censored runs, and is undecided against later epochs
+  (Gehan). With the usual common epoch budget this is "not reached" = +∞, tied
+  beyond every observed epoch; the test is exact if censoring does not depend
+  on the method (an unfinished run, censored early in one method only, makes
+  it approximate). The convergence table shows "not reached (k of n)".
+* a **spread** test: Brown–Forsythe (Levene's W on absolute deviations from
+  each method's median — robust where the seeds are skewed), with the p-value
+  from an exact permutation of the pooled deviations rather than the F(1, N−2)
+  reference, which assumes normal deviations (that p-value, equal to
+  ``scipy.stats.levene(center="median")``'s, is in the CSV as ``p_approx``).
+  Convergence spreads use the runs that reached the criterion (≥ 2 per method).
+
+The Markdown shows, under the final-NC and convergence tables, a location and
+a spread table (rows: quantities; columns: pairs; first row: seeds and the
+smallest attainable p per pair); each cell is the uncorrected p, the
+direction (``<``: the first method lower / faster / less spread) and ``*``
+when significant at :data:`ALPHA` = 0.05 after **Holm's correction over the
+comparisons made on that quantity** (one row: the pairs), else ``n.s.``. Holm
+per quantity, not per table: each row answers one question (does the ordering
+of the methods hold for this quantity), and the quantities of a table are
+strongly correlated (NC1 train/test, the thresholds), so a table-wide
+correction would be needlessly blind with 5 seeds (30 convergence tests:
+30 × 0.0079 > 0.05).
+In the CSV the test rows have ``table`` = ``test_location`` / ``test_spread``,
+``method`` = the first method, ``n``/``total`` its seeds in the test / runs, the
+statistics columns empty, and the columns appended after ``total``
+(:data:`TEST_COLUMNS`; earlier columns unchanged, empty in the other rows):
+``vs``, ``n_vs`` (the second method and its seeds), ``censored``,
+``censored_vs`` (runs that never met the criterion: censored values in the
+location test, left out of the spread test), ``test``, ``statistic`` (sum of
+the first method's Gehan scores; Brown–Forsythe W), ``direction``, ``p``,
+``p_min`` (this test's floor, given its ties), ``p_holm``, ``p_approx``.
 
 Run: ``python -m experiments.report runs/fashion_mnist`` or e.g.
 ``python -m experiments.report runs/cifar10 runs/cifar100 --epochs 50,100,200 --out reports``
@@ -41,6 +95,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from experiments import significance
 from nc_jax.config import METHOD_VARIANTS, METHODS
 
 #: NC metrics of the final-NC table (``top1`` there is the un-augmented NC-pass accuracy).
@@ -49,8 +104,18 @@ NC_KEYS = ("top1", "nc1", "nc2_etf", "nc2_equinorm_w", "wh_equinorm", "nc3", "nc
 NC1_THRESHOLDS = (1e-1, 1e-2, 1e-3)
 # The running-mean accuracy is a float average of per-batch percentages: allow rounding.
 FULL_TOP1 = 100.0 - 1e-6
+#: The tests' CSV columns, appended after the statistics' (empty in the statistics' rows).
+TEST_COLUMNS = ("vs", "n_vs", "censored", "censored_vs", "test", "statistic", "direction", "p",
+                "p_min", "p_holm", "p_approx")
 CSV_COLUMNS = ("table", "method", "metric", "split", "epoch", "n", "median", "min", "max", "mean",
-               "std", "total")
+               "std", "total") + TEST_COLUMNS
+#: Every other method is compared with this one.
+BASELINE = "standard"
+#: Further ``(method, other)`` comparisons: the paper's claims that the implicit ETF converges
+#: faster than the fixed ETF, the forward-only variant lying in between.
+CLAIM_PAIRS = (("implicit", "fixed"), ("implicit", "implicit-fo"))
+#: Significance level of the ``*`` / ``n.s.`` marks (after Holm's correction per quantity).
+ALPHA = 0.05
 EXPECTED = "<dir>/<method>/seed-<n>/metrics.jsonl"
 #: (key, title, y scale) of the panels of ``metrics.png``.
 PANELS = (
@@ -279,7 +344,115 @@ def _last_nc_record(run: Run, split: str) -> dict | None:
 def _row(table: str, method: str, metric: str, split: str, epoch: Any, values: list,
          total: int) -> dict:
   return dict(table=table, method=method, metric=metric, split=split, epoch=epoch,
-              **stats(values), total=total)
+              **stats(values), total=total, **dict.fromkeys(TEST_COLUMNS))
+
+
+def _final_runs(rs: Sequence[Run]) -> list[Run]:
+  """The runs whose last records are final states: the finished ones, or all if none finished."""
+  return [r for r in rs if r.finished] or list(rs)
+
+
+def final_nc_values(rs: Sequence[Run], key: str, split: str) -> list[tuple[int, float]]:
+  """``(epoch, value)`` of ``nc_<split>_<key>`` at each final run's last NC epoch (NaN left out)."""
+  last = [_last_nc_record(r, split) for r in _final_runs(rs)]
+  got = [(rec["epoch"], _value(rec.get(f"nc_{split}_{key}"))) for rec in last if rec is not None]
+  return [(e, v) for e, v in got if v is not None]
+
+
+def last_epoch_values(rs: Sequence[Run], key: str) -> list[float]:
+  """``key`` in each final run's last record that has it (NaN there: left out)."""
+  out = []
+  for r in _final_runs(rs):
+    rec = next((rec for rec in reversed(r.records) if key in rec), None)
+    if rec is not None and _value(rec[key]) is not None:
+      out.append(_value(rec[key]))
+  return out
+
+
+def time_to(run: Run, key: str, predicate: Callable[[float], bool]) -> tuple[int, bool] | None:
+  """``(epoch, censored)``: the first epoch meeting the criterion, ``False``; else the run is
+  right-censored at the last epoch the criterion was checked (the last record with a value of
+  ``key``), ``True``; ``None`` if it was never checked."""
+  hit = first_reach(run.records, key, predicate)
+  if hit is not None:
+    return hit[0], False
+  checked = [rec["epoch"] for rec in run.records if _value(rec.get(key)) is not None]
+  return (checked[-1], True) if checked else None
+
+
+def comparison_pairs(methods: Iterable[str]) -> list[tuple[str, str]]:
+  """The ``(method, other)`` pairs tested among ``methods``: each against :data:`BASELINE`,
+  then :data:`CLAIM_PAIRS`, those present only."""
+  methods = list(methods)
+  pairs = [(m, BASELINE) for m in methods if BASELINE in methods and m != BASELINE]
+  return pairs + [p for p in CLAIM_PAIRS if p[0] in methods and p[1] in methods
+                  and p not in pairs]
+
+
+def tested_quantities() -> list[tuple[str, str, str, str]]:
+  """``(family, metric, split, label)`` of the tested quantities (rows of the tests tables)."""
+  out = [("convergence", f"epochs_to_{name}", "train", label)
+         for name, label, _, _ in convergence_criteria()]
+  out.append(("final", "top1_last_epoch", "test", "test top-1, last epoch"))
+  out += [("final", key, split, f"{split} {key}") for key in NC_KEYS
+          for split in ("train", "test")]
+  return out
+
+
+def _sample(rs: Sequence[Run], metric: str, split: str) -> tuple[list[float], list[bool]]:
+  """One method's values of a tested quantity and their censoring flags."""
+  if metric.startswith("epochs_to_"):
+    _, _, key, predicate = next(c for c in convergence_criteria()
+                                if f"epochs_to_{c[0]}" == metric)
+    times = [t for t in (time_to(r, key, predicate) for r in rs) if t is not None]
+    return [float(e) for e, _ in times], [c for _, c in times]
+  if metric == "top1_last_epoch":
+    values = last_epoch_values(rs, f"{split}_top1")
+  else:
+    values = [v for _, v in final_nc_values(rs, metric, split)]
+  return values, [False] * len(values)
+
+
+def comparison_rows(runs: dict[str, list[Run]]) -> list[dict]:
+  """The tests' rows (tables ``test_location``, ``test_spread``; see the module docstring).
+
+  One row per (test, quantity of :func:`tested_quantities`, pair of
+  :func:`comparison_pairs`), ``p`` ``None`` when a group is too small (location:
+  no value; spread: fewer than two uncensored values). ``p_holm``: Holm over the
+  pairs tested on the same quantity.
+  """
+  pairs = comparison_pairs(runs)
+  rows: list[dict] = []
+  for _, metric, split, _ in tested_quantities():
+    samples = {m: _sample(runs[m], metric, split) for pair in pairs for m in pair}
+    for table in ("test_location", "test_spread"):
+      family = []
+      for a, b in pairs:
+        (xa, ca), (xb, cb) = samples[a], samples[b]
+        row = _row(table, a, metric, split, "", [], len(runs[a]))
+        row.update(vs=b, censored=sum(ca), censored_vs=sum(cb))
+        result = None
+        if table == "test_location":
+          row.update(n=len(xa), n_vs=len(xb))
+          if xa and xb:
+            result = significance.location_test(xa, xb, ca, cb)
+            name = "permutation, Gehan scores (Mann-Whitney), two-sided"
+        else:
+          ya = [v for v, c in zip(xa, ca) if not c]
+          yb = [v for v, c in zip(xb, cb) if not c]
+          row.update(n=len(ya), n_vs=len(yb))
+          if len(ya) >= 2 and len(yb) >= 2:
+            result = significance.spread_test(ya, yb)
+            name = "Brown-Forsythe, permutation of the deviations"
+        if result is not None:
+          row.update(test=name if result.exact else f"{name} (Monte Carlo)",
+                     statistic=result.statistic, direction=result.direction, p=result.p,
+                     p_min=result.p_min, p_approx=result.p_approx)
+        family.append(row)
+      for row, adjusted in zip(family, significance.holm([r["p"] for r in family])):
+        row["p_holm"] = adjusted
+      rows += family
+  return rows
 
 
 def report_tables(runs: dict[str, list[Run]], epochs: Sequence[int]) -> list[dict]:
@@ -290,7 +463,7 @@ def report_tables(runs: dict[str, list[Run]], epochs: Sequence[int]) -> list[dic
   finished run's last NC epoch — unfinished runs count only if no run of the method
   finished; ``epoch`` is that epoch, or ``"a-b"`` when seeds differ)
   and ``convergence`` (``epochs_to_*``/``seconds_to_*``; ``n`` = seeds that got
-  there, ``epoch`` empty).
+  there, ``epoch`` empty); then the tests' rows (:func:`comparison_rows`).
   """
   rows: list[dict] = []
   for method, rs in runs.items():
@@ -302,12 +475,9 @@ def report_tables(runs: dict[str, list[Run]], epochs: Sequence[int]) -> list[dic
   for method, rs in runs.items():
     # An unfinished run's last NC epoch is not a final state: only finished runs count when
     # the method has any (n shows how many).
-    done = [r for r in rs if r.finished] or rs
     for split in ("train", "test"):
-      last = [(r, _last_nc_record(r, split)) for r in done]
       for key in NC_KEYS:
-        got = [(rec["epoch"], rec.get(f"nc_{split}_{key}")) for _, rec in last if rec is not None]
-        got = [(e, v) for e, v in got if _value(v) is not None]
+        got = final_nc_values(rs, key, split)
         es = sorted({e for e, _ in got})
         epoch = "" if not es else es[0] if len(es) == 1 else f"{es[0]}-{es[-1]}"
         rows.append(_row("final_nc", method, key, split, epoch, [v for _, v in got], len(rs)))
@@ -318,7 +488,7 @@ def report_tables(runs: dict[str, list[Run]], epochs: Sequence[int]) -> list[dic
                        [h[0] for h in hits if h], len(rs)))
       rows.append(_row("convergence", method, f"seconds_to_{name}", "train", "",
                        [h[1] for h in hits if h], len(rs)))
-  return rows
+  return rows + comparison_rows(runs)
 
 
 # --------------------------------------------------------------------------- #
@@ -351,6 +521,84 @@ def _cells(row: dict, kind: str) -> list[str]:
 def _table(head: list[str], body: list[list[str]]) -> list[str]:
   lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
   return lines + ["| " + " | ".join(r) + " |" for r in body]
+
+
+def _fmt_p(p: float) -> str:
+  return f"{p:.2g}"
+
+
+def _test_cell(row: dict, header: tuple[int, int]) -> str:
+  """``"0.0079 < *"``: uncorrected p, direction, ``*`` (Holm-adjusted p < ALPHA) or ``n.s.``;
+  the seeds ``(n1 v n2)`` when fewer than in the table's first row."""
+  if row["p"] is None:
+    return "–"
+  mark = "*" if row["p_holm"] < ALPHA else "n.s."
+  seeds = "" if (row["n"], row["n_vs"]) == header else f" ({row['n']} v {row['n_vs']})"
+  return f"{_fmt_p(row['p'])} {row['direction']} {mark}{seeds}"
+
+
+def _tests_table(rows: list[dict], table: str, family: str) -> list[str]:
+  """A tests table: a row per quantity of ``family``, a column per pair; first row the seeds
+  and the smallest attainable p per pair (the smallest ``p_min`` of its tests)."""
+  quantities = [(m, s, label) for f, m, s, label in tested_quantities() if f == family]
+  found = {(r["method"], r["vs"], r["metric"], r["split"]): r for r in rows
+           if r["table"] == table}
+  pairs = list(dict.fromkeys((r["method"], r["vs"]) for r in rows if r["table"] == table))
+  headers, first = [], ["seeds; smallest p"]
+  for a, b in pairs:
+    tested = [r for r in (found[(a, b, m, s)] for m, s, _ in quantities) if r["p"] is not None]
+    header = ((max(r["n"] for r in tested), max(r["n_vs"] for r in tested)) if tested
+              else (0, 0))
+    headers.append(header)
+    first.append(f"{header[0]} v {header[1]}; "
+                 f"{_fmt_p(min(r['p_min'] for r in tested))}" if tested else "–")
+  body = [first]
+  for metric, split, label in quantities:
+    cells = [_test_cell(found[(a, b, metric, split)], h) for (a, b), h in zip(pairs, headers)]
+    if any(c != "–" for c in cells):       # quantities no run recorded: CSV only
+      body.append([label, *cells])
+  return _table(["quantity", *(f"{a} vs {b}" for a, b in pairs)], body)
+
+
+def _tests_section(rows: list[dict], family: str) -> list[str]:
+  """Location and spread tables of ``family`` (``final``/``convergence``), with legends."""
+  if not any(r["table"] == "test_location" for r in rows):
+    if family == "convergence":            # said once, under the final-metrics table
+      return []
+    return ["", "No tests between methods: none of the compared pairs (each method against "
+            f"`{BASELINE}`; " + "; ".join(f"`{a}` against `{b}`" for a, b in CLAIM_PAIRS)
+            + ") is present."]
+  if family == "convergence":
+    what = "epochs to each criterion"
+    direction = "the first method reaches the criterion earlier / later"
+    censoring = (" A run that never met the criterion is right-censored at the last epoch it "
+                 "was checked: later than every epoch at or before that, tied with the other "
+                 "non-reaching runs (Gehan; with a common epoch budget: \"not reached\" = +∞); "
+                 "exact if censoring does not depend on the method.")
+    spread_runs = " Only the runs that reached the criterion (at least 2 per method)."
+  else:
+    what = "final metrics (finished runs, as in the table above)"
+    direction = "the first method's values tend lower / higher"
+    censoring = ""
+    spread_runs = ""
+  return [
+      "", f"### Tests between methods: {what}", "", "Location:", "",
+      *_tests_table(rows, "test_location", family),
+      "", "Two-sided exact permutation test over all C(n1+n2, n1) relabellings of the two "
+      "methods' seeds, on Gehan scores (the Mann–Whitney rank-sum test, ties at mid-ranks)."
+      f"{censoring} Cell: uncorrected p; < / >: {direction} (=: same ranks); * if p < "
+      f"{ALPHA:g} after Holm's correction over the row's comparisons, else n.s.; (n1 v n2): "
+      "seeds tested, when fewer than in the first row. First row: seeds per method and the "
+      "smallest attainable p (2/C(n1+n2, n1) without ties: 0.0079 for 5 v 5, 0.1 for 3 v 3, "
+      "where nothing can be significant and n.s. is no evidence of no effect). Per test in "
+      "report.csv: p, Holm-adjusted p_holm, floor p_min. Rows no run recorded are left out.",
+      "", "Spread:", "",
+      *_tests_table(rows, "test_spread", family),
+      "", "Brown–Forsythe test of equal spread (Levene's W on absolute deviations from each "
+      "method's median, as scipy.stats.levene(center=\"median\")), p by exact permutation of "
+      "the pooled deviations (the F(1, N−2) p-value, which assumes normal deviations, is "
+      f"p_approx in report.csv).{spread_runs} < / >: the first method's seeds spread less / "
+      "more (mean absolute deviation). Cells and first row as for location."]
 
 
 def _distinct(values: Iterable[Any]) -> list[str]:
@@ -449,6 +697,7 @@ def render_markdown(folder: str | pathlib.Path, runs: dict[str, list[Run]], rows
   lines += ["", "From the NC passes over the un-augmented train and test splits (`nc_train_*`, "
             "`nc_test_*`); top1 there is the NC pass's accuracy (%). NaN values are left out "
             "of n."]
+  lines += _tests_section(rows, "final")
 
   lines += ["", "## Convergence (first epoch reaching the criterion)", ""]
   body = []
@@ -456,13 +705,17 @@ def render_markdown(folder: str | pathlib.Path, runs: dict[str, list[Run]], rows
     for name_, label, _, _ in convergence_criteria():
       ep = find("convergence", method, f"epochs_to_{name_}", "train")
       sec = find("convergence", method, f"seconds_to_{name_}", "train")
+      missed = ep["total"] - ep["n"]
       body.append([method, label, f"{ep['n']}/{ep['total']}", _median_range(ep, "epoch"),
-                   _median_range(sec, "sec")])
+                   _median_range(sec, "sec"),
+                   f"not reached ({missed} of {ep['total']})" if missed else "–"])
   lines += _table(["method", "criterion", "reached", "epoch median [min, max]",
-                   "seconds median [min, max]"], body)
+                   "seconds median [min, max]", "not reached"], body)
   lines += ["", "Medians over the seeds that reached the criterion (reached: k/n seeds; "
             "'–': none). Seconds are `elapsed` (train + eval wall time since the run started). "
-            "NC-pass criteria are only checked on NC epochs."]
+            "NC-pass criteria are only checked on NC epochs. The tests below count the runs "
+            "that did not reach a criterion as censored, not as missing."]
+  lines += _tests_section(rows, "convergence")
   return "\n".join(lines) + "\n"
 
 

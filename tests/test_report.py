@@ -11,11 +11,13 @@ from __future__ import annotations
 import csv
 import json
 import math
+import pathlib
 import statistics
 
 import matplotlib
 import numpy as np
 import pytest
+from scipy import stats as sps
 
 from experiments import report
 
@@ -247,7 +249,20 @@ def test_main_writes_report_csv_and_figures(experiment, tmp_path, capsys):
                "| nc3 | fixed | 6 | 3/3 | 0.2600 [0.1600, 0.3600] | 0.2600 ± 0.1000 | 2/3 |",
                "| standard | train top-1 = 100 % (running mean) | 2/3 | 4.5 [4, 5] | "
                "46.5 [41.0, 52.0] |",
-               "| fixed | train NC1 < 1e-03 | 0/3 | – | – |"):
+               "| fixed | train NC1 < 1e-03 | 0/3 | – | – | not reached (3 of 3) |",
+               "| standard | train top-1 = 100 % (running mean) | 2/3 | 4.5 [4, 5] | "
+               "46.5 [41.0, 52.0] | not reached (1 of 3) |",
+               "| implicit | train top-1 = 100 % (running mean) | 2/3 | 4.5 [4, 5] | "
+               "46.5 [41.0, 52.0] | not reached (1 of 3) |",
+               # Final metrics: fixed vs standard (3 finished each) comes first.
+               "| quantity | fixed vs standard | implicit vs standard | ablation vs standard | "
+               "implicit vs fixed |", "| seeds; smallest p | 3 v 3; 0.1 |",
+               # fixed {6+, 6+, 6+} (censored at 6) vs standard {4, 5, 6+}: Gehan scores
+               # {2, 2, 2} vs {-5, -3, 2}; |S| >= 6 in 8 of 20 relabellings. implicit {4, 5, 4+}
+               # (seed 3 stopped at epoch 4: undecided against 5 and 6+) vs fixed: scores
+               # {-5, -2, 1} vs {2, 2, 2}, only the observed split and its mirror: 2/20.
+               "| train top-1 ≥ 99.9 % (running mean) | 0.4 > n.s. | 1 < n.s. | 0.75 < n.s. | "
+               "0.1 < n.s. |"):
     assert text in md, text
   assert md.index("| standard |") < md.index("| fixed |") < md.index("| implicit |") < \
       md.index("| ablation |")
@@ -332,3 +347,191 @@ def test_ufm_run_folders_are_refused_clearly(tmp_path, capsys):
     report.main([str(tmp_path / "ufm")])
   assert err.value.code == 2
   assert "UFM run folders (records per iteration, not per epoch)" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- #
+# Tests between methods, on constructed folders with known answers
+# --------------------------------------------------------------------------- #
+
+P_5V5 = 2 / 252          # 2 / C(10, 5): the smallest two-sided p for 5 vs 5 seeds
+TEST_EPOCHS = 12
+# Epoch at which train top-1 first reaches 100 % (None: never within TEST_EPOCHS).
+REACH = {"standard": [8, 9, 9, 10, 11], "fixed": [None] * 5, "implicit": [3, 3, 4, 4, 5],
+         "implicit-fo": [8, 9, 9, 10, 11]}
+# Final train NC3 per seed: known spreads (fixed five times standard's; implicit a shift).
+FINAL_NC3 = {"standard": [1, 2, 3, 4, 5], "fixed": [0, 5, 10, 15, 20],
+             "implicit": [11, 12, 13, 14, 15], "implicit-fo": [1, 2, 3, 4, 5]}
+
+
+def reach_records(reach, nc3, seed):
+  """train top-1 100 from epoch ``reach`` on (never if None); NC metrics every 2 epochs."""
+  out = []
+  for epoch in range(1, TEST_EPOCHS + 1):
+    top1 = 100.0 if reach is not None and epoch >= reach else 90.0 + 0.5 * epoch
+    rec = {"epoch": epoch, "elapsed": 10.0 * epoch, "train_top1": top1,
+           "test_top1": 80.0 + seed}
+    if epoch % 2 == 0:
+      rec.update(nc_train_nc1=0.5 / epoch, nc_test_nc1=0.6 / epoch, nc_train_nc3=nc3,
+                 nc_test_nc3=nc3)
+    out.append(rec)
+  return out
+
+
+def make_reach_experiment(root, reach=REACH, nc3=FINAL_NC3):
+  for method, epochs in reach.items():
+    for seed, (r, v) in enumerate(zip(epochs, nc3[method]), 1):
+      make_run(root, method, seed, reach_records(r, v, seed))
+  return root
+
+
+def comparison_row(rows, table, method, vs, metric, split="train"):
+  hits = [r for r in rows if (r["table"], r["method"], r["vs"], r["metric"], r["split"]) ==
+          (table, method, vs, metric, split)]
+  assert len(hits) == 1, (table, method, vs, metric, split)
+  return hits[0]
+
+
+
+def test_comparison_pairs():
+  assert report.comparison_pairs(["standard", "fixed", "implicit", "implicit-fo", "ablation"]) == [
+      ("fixed", "standard"), ("implicit", "standard"), ("implicit-fo", "standard"),
+      ("ablation", "standard"), ("implicit", "fixed"), ("implicit", "implicit-fo")]
+  assert report.comparison_pairs(["implicit", "fixed"]) == [("implicit", "fixed")]
+  assert report.comparison_pairs(["standard"]) == []
+  assert report.BASELINE == "standard"
+  assert report.CLAIM_PAIRS == (("implicit", "fixed"), ("implicit", "implicit-fo"))
+
+
+def test_time_to_censors_at_the_last_checked_epoch():
+  recs = [{"epoch": 1, "x": 1.0}, {"epoch": 2, "x": 0.5}, {"epoch": 3}, {"epoch": 4, "x": 0.2},
+          {"epoch": 5, "x": float("nan")}]
+  run = report.Run("implicit", 1, None, {}, recs)
+  assert report.time_to(run, "x", lambda v: v < 0.6) == (2, False)
+  assert report.time_to(run, "x", lambda v: v < 0.1) == (4, True)
+  assert report.time_to(run, "y", lambda v: v < 0.1) is None
+
+
+def test_convergence_tests_known_answers(tmp_path):
+  runs = report.load_runs(make_reach_experiment(tmp_path / "exp"), warn=lambda _: None)
+  rows = report.report_tables(runs, [TEST_EPOCHS])
+  metric = "epochs_to_train_top1_100"
+  # {3,3,4,4,5} against {8,9,9,10,11}: complete separation, p = 2/252, earlier.
+  row = comparison_row(rows, "test_location", "implicit", "standard", metric)
+  assert row["p"] == pytest.approx(P_5V5) and row["p_min"] == pytest.approx(P_5V5)
+  assert (row["direction"], row["statistic"], row["n"], row["n_vs"]) == ("<", -25.0, 5, 5)
+  assert (row["censored"], row["censored_vs"], row["total"]) == (0, 0, 5)
+  assert row["test"] == "permutation, Gehan scores (Mann-Whitney), two-sided"
+  # Identical distributions: p = 1.
+  row = comparison_row(rows, "test_location", "implicit-fo", "standard", metric)
+  assert (row["p"], row["direction"], row["statistic"]) == (1.0, "=", 0.0)
+  # Never reached (censored at epoch 12) against always reached: the minimal p, later.
+  for method, vs, direction in (("fixed", "standard", ">"), ("implicit", "fixed", "<")):
+    row = comparison_row(rows, "test_location", method, vs, metric)
+    assert row["p"] == pytest.approx(P_5V5) and row["direction"] == direction
+    assert (row["n"], row["n_vs"]) == (5, 5)
+    assert (row["censored"], row["censored_vs"]) == ((5, 0) if method == "fixed" else (0, 5))
+  # Holm over the row's five comparisons: four at 2/252 → 4 · 2/252 ... 5 · 2/252 < 0.05.
+  family = [r for r in rows if r["table"] == "test_location" and r["metric"] == metric]
+  assert len(family) == 5
+  assert sorted(r["p_holm"] for r in family) == pytest.approx([5 * P_5V5] * 4 + [1.0])
+  # Spread of the epochs (reached only): no test with no reaching run, else as scipy's W.
+  row = comparison_row(rows, "test_spread", "fixed", "standard", metric)
+  assert row["p"] is None and (row["n"], row["censored"]) == (0, 5)
+  row = comparison_row(rows, "test_spread", "implicit", "standard", metric)
+  ref = sps.levene(REACH["implicit"], REACH["standard"], center="median")
+  assert row["statistic"] == pytest.approx(ref.statistic)
+  assert row["p_approx"] == pytest.approx(ref.pvalue)
+  assert row["test"] == "Brown-Forsythe, permutation of the deviations"
+  # The convergence statistics rows are unchanged in kind: n = seeds that got there.
+  assert find(rows, "convergence", "fixed", metric)["n"] == 0
+
+
+def test_final_metric_tests_known_answers(tmp_path):
+  runs = report.load_runs(make_reach_experiment(tmp_path / "exp"), warn=lambda _: None)
+  rows = report.report_tables(runs, [TEST_EPOCHS])
+  # Spread: five times the spread (deviations {0,1,1,2,2} vs {0,5,5,10,10}).
+  row = comparison_row(rows, "test_spread", "fixed", "standard", "nc3")
+  ref = sps.levene(FINAL_NC3["fixed"], FINAL_NC3["standard"], center="median")
+  assert row["statistic"] == pytest.approx(ref.statistic)
+  assert row["p_approx"] == pytest.approx(ref.pvalue)
+  assert row["p"] == pytest.approx(12 / 252) and row["p_min"] == pytest.approx(4 / 252)
+  assert row["direction"] == ">"
+  # A shift only: equal spread (W = 0, p = 1) but a complete location separation.
+  row = comparison_row(rows, "test_spread", "implicit", "standard", "nc3", "test")
+  assert (row["statistic"], row["p"], row["direction"]) == (0.0, 1.0, "=")
+  row = comparison_row(rows, "test_location", "implicit", "standard", "nc3", "test")
+  assert row["p"] == pytest.approx(P_5V5) and row["direction"] == ">"
+  # Final test top-1 (80 + seed in every method): identical, p = 1.
+  row = comparison_row(rows, "test_location", "implicit", "standard", "top1_last_epoch", "test")
+  assert (row["p"], row["n"], row["n_vs"]) == (1.0, 5, 5)
+  # NC1 decreases identically in every run: p = 1; a metric no run recorded: no test.
+  assert comparison_row(rows, "test_location", "fixed", "standard", "nc1")["p"] == 1.0
+  row = comparison_row(rows, "test_location", "fixed", "standard", "nc2_etf")
+  assert row["p"] is None and row["p_holm"] is None and row["n"] == 0
+
+
+def test_three_seeds_are_never_significant(tmp_path):
+  reach = {"standard": [6, 7, 8], "implicit": [2, 3, 4]}
+  nc3 = {"standard": [1, 2, 3], "implicit": [1, 2, 3]}
+  runs = report.load_runs(make_reach_experiment(tmp_path / "exp", reach, nc3),
+                          warn=lambda _: None)
+  rows = report.report_tables(runs, [TEST_EPOCHS])
+  row = comparison_row(rows, "test_location", "implicit", "standard", "epochs_to_train_top1_100")
+  assert row["p"] == pytest.approx(0.1) and row["p_min"] == pytest.approx(0.1)
+  assert row["p_holm"] >= report.ALPHA
+  md = report.render_markdown(tmp_path / "exp", runs, rows)
+  assert "| seeds; smallest p | 3 v 3; 0.1 |" in md
+  assert "| train top-1 = 100 % (running mean) | 0.1 < n.s. |" in md
+  assert " * |" not in md and " n.s. |" in md       # 2/C(6, 3) = 0.1: nothing can be
+
+
+def test_report_without_comparable_methods_says_so(tmp_path):
+  root = tmp_path / "exp"
+  make_run(root, "fixed", 1, reach_records(3, 1.0, 1))
+  runs = report.load_runs(root, warn=lambda _: None)
+  rows = report.report_tables(runs, [TEST_EPOCHS])
+  assert not [r for r in rows if r["table"].startswith("test_")]
+  md = report.render_markdown(root, runs, rows)
+  assert md.count("No tests between methods") == 1 and "### Tests" not in md
+
+
+def test_cli_end_to_end_with_tests(tmp_path):
+  import subprocess
+  import sys
+  root = make_reach_experiment(tmp_path / "exp")
+  proc = subprocess.run([sys.executable, "-m", "experiments.report", str(root), "--no-plot",
+                         "--quiet"], capture_output=True, text=True, timeout=300,
+                        cwd=pathlib.Path(report.__file__).resolve().parents[1])
+  assert proc.returncode == 0, proc.stderr
+  md = (root / "report.md").read_text()
+  for text in ("### Tests between methods: final metrics", "### Tests between methods: epochs "
+               "to each criterion", "| quantity | fixed vs standard | implicit vs standard | "
+               "implicit-fo vs standard | implicit vs fixed | implicit vs implicit-fo |",
+               "| seeds; smallest p | 5 v 5; 0.0079 |",
+               "| train top-1 = 100 % (running mean) | 0.0079 > * | 0.0079 < * | 1 = n.s. | "
+               "0.0079 < * | 0.0079 < * |",
+               "| fixed | train top-1 = 100 % (running mean) | 0/5 | – | – | "
+               "not reached (5 of 5) |",
+               "| standard | train top-1 = 100 % (running mean) | 5/5 | 9 [8, 11] | "
+               "90.0 [80.0, 110.0] | – |",
+               "smallest attainable p (2/C(n1+n2, n1) without ties: 0.0079 for 5 v 5, 0.1 for "
+               "3 v 3", "Holm's correction over the row's comparisons", "right-censored",
+               "Brown–Forsythe", "Spread:", "| train nc3 |"):
+    assert text in md, text
+  assert "| train nc2_etf |" not in md            # no run recorded it: CSV only
+  with open(root / "report.csv", newline="") as f:
+    table = list(csv.DictReader(f))
+  # The existing columns keep their place; the tests' columns come after them.
+  assert list(table[0])[:12] == ["table", "method", "metric", "split", "epoch", "n", "median",
+                                 "min", "max", "mean", "std", "total"]
+  assert list(table[0])[12:] == list(report.TEST_COLUMNS)
+  row = next(r for r in table if (r["table"], r["method"], r["vs"], r["metric"]) ==
+             ("test_location", "implicit", "standard", "epochs_to_train_top1_100"))
+  assert float(row["p"]) == pytest.approx(P_5V5, rel=1e-12)
+  assert float(row["p_holm"]) == pytest.approx(5 * P_5V5, rel=1e-12)
+  assert (row["n"], row["n_vs"], row["direction"], row["median"]) == ("5", "5", "<", "")
+  row = next(r for r in table if (r["table"], r["method"], r["vs"], r["metric"]) ==
+             ("test_spread", "fixed", "standard", "nc3"))
+  assert float(row["p"]) == pytest.approx(12 / 252) and float(row["p_approx"]) > 0
+  stat_row = next(r for r in table if r["table"] == "top1")
+  assert all(stat_row[c] == "" for c in report.TEST_COLUMNS)
