@@ -51,7 +51,7 @@ from experiments import report, run_folder, tb_writer
 from experiments.cli import RunOptions, config_for, parse_args, select_devices
 from experiments.image_data import Data, load_data
 from nc_jax import config as config_lib
-from nc_jax import evaluate, loop, metrics, train
+from nc_jax import class_metrics, evaluate, loop, train
 from nc_jax import solver as solver_lib
 from nc_jax.checkpoint import Checkpointer, has_checkpoint
 from nc_jax.data.sources import DataNotFoundError
@@ -82,16 +82,37 @@ def _compile(cfg: config_lib.TrainConfig, pipe, steps_per_epoch: int) -> _Compil
   return _Compiled(model, tx, head_config, steps, sample)
 
 
-def nc_pass(compiled: _Compiled, state, pipe, split: str, ids) -> dict:
+#: The epoch whose nearest ETFs the ``*_etf_ref_dist`` metrics compare with (official
+#: ``--ref_ETF 1``).
+REFERENCE_EPOCH = 1
+
+
+def nc_pass(compiled: _Compiled, state, pipe, split: str, ids, *, reference=None,
+            minority=None) -> dict:
   """The NC metrics (:func:`nc_jax.evaluate.nc_evaluate`) of the eval-mode features of
   ``split``'s examples ``ids`` (all if ``None``); batches are dispatched without waiting."""
   h, y = evaluate.collect_features(compiled.steps.features(state, *args)
                                    for args in pipe.feature_batches(split, ids))
-  return evaluate.nc_evaluate(h, y, compiled.head_config, state.params["head"], state.head)
+  return evaluate.nc_evaluate(h, y, compiled.head_config, state.params["head"], state.head,
+                              reference=reference, minority=minority)
 
 
 def _nc_record(result: dict, prefix: str) -> dict:
-  return {f"{prefix}{k}": float(result[k]) for k in metrics.METRIC_KEYS}
+  """The record's NC entries: every scalar; with minority classes also the imbalance scalars
+  and the per-class NC1 and top-1 as lists."""
+  rec = {f"{prefix}{k}": float(result[k]) for k in evaluate.SCALAR_KEYS}
+  if "nc1_per_class" in result:
+    rec.update({f"{prefix}{k}": float(result[k]) for k in evaluate.IMBALANCE_KEYS})
+    rec.update({f"{prefix}{k}": [float(x) for x in result[k]]
+                for k in ("nc1_per_class", "top1_per_class")})
+  return rec
+
+
+def _reference_of(frames: dict | None, split: str) -> dict | None:
+  """One split's reference frames, as :func:`nc_jax.evaluate.nc_evaluate` takes them."""
+  if frames is None:
+    return None
+  return {f"{m}_etf_frame": frames.get(f"{split}_{m}") for m in ("w", "h")}
 
 
 def run_one(cfg: config_lib.TrainConfig, method: str, options: RunOptions, data: Data, mesh,
@@ -182,7 +203,8 @@ def _run_locked(cfg: config_lib.TrainConfig, method: str, options: RunOptions, d
   progress = progress_lib.Progress(title, cfg.epochs * steps_per_epoch,
                        position["epoch"] * steps_per_epoch + position["batch"], options.quiet)
   t_start = time.perf_counter()
-  last_margins: list = []
+  # The reference epoch's nearest ETFs (saved with the run; read back on resume).
+  reference = run.load_reference_etfs() if has_ckpt else None
 
   def on_epoch(fit_record: dict, current) -> None:
     e = fit_record["epoch"]
@@ -193,14 +215,23 @@ def _run_locked(cfg: config_lib.TrainConfig, method: str, options: RunOptions, d
       rec.update({f"test_{m}": fit_record["eval"][m] for m in ("loss", "top1", "top5")})
     if (e - 1) % options.nc_every == 0 or e == cfg.epochs:
       t_nc = time.perf_counter()
-      tr = nc_pass(compiled, current, pipe, "train", data.nc_train_ids)
-      te = nc_pass(compiled, current, pipe, "eval", data.nc_test_ids)
+      nonlocal reference
+      tr, te = (nc_pass(compiled, current, pipe, split, ids, minority=cfg.minority,
+                        reference=_reference_of(reference, split))
+                for split, ids in (("train", data.nc_train_ids), ("eval", data.nc_test_ids)))
+      if e == REFERENCE_EPOCH:
+        reference = {f"{split}_{m}": r[f"{m}_etf_frame"] for split, r in (("train", tr),
+                                                                          ("eval", te))
+                     for m in ("w", "h")}
+        if writes:  # before the record: a record of epoch ≥ 1 implies the reference
+          run.save_reference_etfs(reference)
+        for r, split in ((tr, "train"), (te, "eval")):
+          r.update(class_metrics.etf_reference_distances(r, _reference_of(reference, split)))
       rec.update(_nc_record(tr, "nc_train_"))
       rec.update(_nc_record(te, "nc_test_"))
-      if tr["cosine_margins"] is not None:
-        last_margins[:] = [tr["cosine_margins"]]
-        if writes:  # now, not at the end: a kill after the final checkpoint must not lose it
-          _save_margins(run, tr["cosine_margins"])
+      if tr["cosine_margins"] is not None and writes:
+        # Now, not at the end: a kill after the final checkpoint must not lose it.
+        _save_margins(run, tr["cosine_margins"])
       rec["nc_seconds"] = time.perf_counter() - t_nc
     rec["elapsed"] = elapsed0 + time.perf_counter() - t_start
     records.append(rec)
@@ -208,7 +239,8 @@ def _run_locked(cfg: config_lib.TrainConfig, method: str, options: RunOptions, d
       run.append_record(rec)
     if writer is not None:
       writer.scalars(rec["step"], {_tb_tag(key): v for key, v in rec.items()
-                                   if key not in ("epoch", "step") and np.isfinite(v)})
+                                   if key not in ("epoch", "step") and np.isscalar(v)
+                                   and np.isfinite(v)})
       writer.flush()
     progress.epoch(rec, cfg.epochs)
 

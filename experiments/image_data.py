@@ -31,7 +31,8 @@ class Data:
     info: the dataset's :class:`~nc_jax.data.DatasetInfo`.
     train, test: ``(images on the mesh, labels)`` or ``(random-access source, labels or
       None)`` (streamed: labels are read only when a subset or stratification needs them).
-    num_train, num_test: examples per split.
+    num_train, num_test: examples per split (training: after the configuration's class
+      imbalance, :meth:`~nc_jax.config.TrainConfig.training_split`).
     nc_train_ids, nc_test_ids: the examples of the NC metrics (``None``: all).
   """
   info: Any
@@ -60,13 +61,14 @@ def load_data(cfg: config_lib.TrainConfig, options: RunOptions, mesh) -> Data:
       labels = None
       # Labels are only read (a pass over the records) when a subset or stratification needs
       # them.
-      if size is not None or (split == "train" and cfg.use_stratified):
+      changed = cfg.imbalance != "none" or cfg.label_noise > 0  # cfg.training_split needs them
+      if size is not None or (split == "train" and (cfg.use_stratified or changed)):
         labels = source_labels(src)
         ids = balanced_subset(labels, size, k)
         if ids is not None:
           src, labels = Subset(src, ids), labels[ids]
       splits.append((src, labels))
-    n_train, n_test = (len(s) for s, _ in splits)
+    n_train, n_test = len(cfg.training_split(splits[0])[0]), len(splits[1][0])
     # The first examples (tfds shuffles the records when it prepares a dataset).
     nc = options.nc_examples or STREAM_NC_EXAMPLES
     return Data(info, splits[0], splits[1], n_train, n_test,
@@ -81,6 +83,9 @@ def load_data(cfg: config_lib.TrainConfig, options: RunOptions, mesh) -> Data:
       images, labels = images[ids], labels[ids]
     host.append((np.ascontiguousarray(images), np.asarray(labels, np.int32)))
   (_, train_y), (_, test_y) = host
+  # The NC subset is drawn from the examples the runs train on (an imbalanced set keeps its
+  # imbalance there); TrainConfig.pipeline applies the same choice to the split itself.
+  _, train_y = cfg.training_labels(train_y)
   nc = options.nc_examples
   placed = train.replicate(tuple(host), mesh)  # once for the whole sweep
   return Data(info, placed[0], placed[1], len(train_y), len(test_y),

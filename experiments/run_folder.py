@@ -92,6 +92,30 @@ class RunFolder:
   def checkpoint_dir(self) -> pathlib.Path:
     return self.path / "checkpoints"
 
+  @property
+  def reference_etf_path(self) -> pathlib.Path:
+    return self.path / "reference_etf.npz"
+
+  def save_reference_etfs(self, frames: dict[str, Any]) -> None:
+    """The nearest-ETF frames of the reference epoch (``{name: (d, K) array or None}``),
+    atomically; the ``None`` ones are left out."""
+    import numpy as np
+    tmp = self.reference_etf_path.with_name("reference_etf.tmp.npz")
+    np.savez(tmp, **{k: np.asarray(v) for k, v in frames.items() if v is not None})
+    tmp.replace(self.reference_etf_path)
+
+  def load_reference_etfs(self) -> dict[str, Any] | None:
+    """The saved reference frames, or ``None`` if there are none."""
+    import numpy as np
+    if not self.reference_etf_path.exists():
+      return None
+    try:
+      with np.load(self.reference_etf_path) as f:
+        return {k: f[k] for k in f.files}
+    except (OSError, ValueError) as err:
+      raise ValueError(f"{self.reference_etf_path}: unreadable ({err}); delete it to record "
+                       f"the reference-ETF distances as NaN") from err
+
   @contextlib.contextmanager
   def lock(self) -> Iterator[None]:
     """Exclusive lock of the folder for the ``with`` block (created if missing).

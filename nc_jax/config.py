@@ -18,12 +18,15 @@ import functools
 import types
 from typing import Any, Callable
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from nc_jax import heads, models, optim
 from nc_jax import pipeline as pipeline_lib
-from nc_jax.data import registry
+from nc_jax.data import imbalance, registry
+from nc_jax.data.subsets import Relabelled, Subset, source_labels
 from nc_jax.data.sources import SOURCES
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -95,6 +98,16 @@ class TrainConfig:
   data_dir: str | None = _field(None, "tfds data_dir (None: tfds's default)")
   num_examples: int | None = _field(
       None, "examples per split for source synthetic (None: the registry's size)")
+  imbalance: str = _field(
+      "none", "class imbalance of the training set: none, longtail (exponential profile) or "
+      "step (the minority classes reduced); the test set stays balanced")
+  imbalance_ratio: float = _field(
+      1.0, "largest / smallest class size of an imbalanced training set (the official "
+      "--imb_factor is its inverse)")
+  minority_fraction: float = _field(
+      0.5, "fraction of the classes that are minority classes (the last ones)")
+  label_noise: float = _field(
+      0.0, "fraction of training labels replaced by a random other class (symmetric noise)")
   model: str = _field("resnet18", "backbone (nc_jax.models.MODEL_NAMES)")
   stem: str = _field(
       "imagenet",
@@ -167,6 +180,8 @@ class TrainConfig:
     except ValueError:
       _choice("dataset", self.dataset, registry.dataset_names())
     _choice("source", self.source, SOURCES)
+    imbalance.check(self.imbalance, self.imbalance_ratio, self.minority_fraction,
+                    self.label_noise)
     if self.source in ("idx", "npz") and not self.data_path:
       raise ValueError(f"data_path: source {self.source!r} needs a data_path (a folder of IDX "
                        f"files or an .npz file), got {self.data_path!r}")
@@ -211,10 +226,47 @@ class TrainConfig:
         forward_only=self.forward_only, delta=self.delta, solver=self.solver,
         factorisation=self.factorisation)
 
+  @property
+  def minority(self) -> tuple[int, ...] | None:
+    """The minority classes of an imbalanced training set (:mod:`nc_jax.data.imbalance`),
+    ``None`` when it is balanced."""
+    if self.imbalance == "none":
+      return None
+    return imbalance.minority_classes(self.info.num_classes, self.minority_fraction)
+
+  def training_labels(self, labels) -> tuple[np.ndarray | None, np.ndarray]:
+    """``(ids, labels)``: the examples of the training split ``labels`` that this run trains
+    on (``None``: all) and their labels after label noise; fixed for every seed (seed 0).
+    Identity for a balanced, noise-free configuration."""
+    labels = np.asarray(labels).astype(np.int32)
+    k = self.info.num_classes
+    ids = imbalance.imbalanced_ids(labels, k, self.imbalance, self.imbalance_ratio,
+                                   self.minority_fraction, seed=0)
+    kept = labels if ids is None else labels[ids]
+    noisy, _ = imbalance.symmetric_label_noise(kept, k, self.label_noise, seed=0)
+    return ids, noisy
+
+  def training_split(self, split: tuple) -> tuple:
+    """A ``(images or source, labels)`` training split as this run trains on it: the
+    imbalanced subset and the label noise of :meth:`training_labels` (the split itself when
+    neither is set; a source's labels are read when needed)."""
+    if self.imbalance == "none" and self.label_noise == 0.0:
+      return split
+    data, labels = split
+    if labels is None:
+      labels = source_labels(data)
+    ids, noisy = self.training_labels(labels)
+    if isinstance(data, (np.ndarray, jax.Array)):
+      images = data if ids is None else data[ids]
+      return images, noisy
+    source = data if ids is None else Subset(data, ids)
+    return (Relabelled(source, noisy) if self.label_noise else source), noisy
+
   def pipeline(self, train_split: tuple, eval_split: tuple | None = None,
                mesh=None) -> pipeline_lib.Pipeline:
     """The run's data (:mod:`nc_jax.pipeline`): batch size, stratification, augmentation
-    (``augment``) and seed from this configuration.
+    (``augment``) and seed from this configuration; the training split as
+    :meth:`training_split` makes it (class imbalance, label noise).
 
     Args:
       train_split, eval_split: ``(images, labels)``: uint8 ``(N, H, W, C)`` images (the
@@ -226,6 +278,7 @@ class TrainConfig:
       mesh: the data-parallel mesh (``None``: one device).
     """
     info = self.info
+    train_split = self.training_split(train_split)
     common = dict(train_spec=self.data_spec(True), eval_spec=self.data_spec(False),
                   batch_size=self.batch_size, num_classes=info.num_classes,
                   stratified=self.use_stratified, mesh=mesh)

@@ -14,8 +14,14 @@ Two pieces, used by the image runner (:mod:`experiments.image`) and the UFM runn
   means, and so every metric, are undefined (tiny subsets, mock data) — gives NaN metrics
   with a warning instead of failing the run.
 
-The result is a dict: each key of :data:`nc_jax.metrics.METRIC_KEYS` as a float, and
-``"cosine_margins"``, the ``(N,)`` per-sample margins (``None`` when undefined).
+The result is a dict: each key of :data:`SCALAR_KEYS` as a float (the metrics of
+:data:`nc_jax.metrics.METRIC_KEYS`, the numerical rank, and the distances of the nearest ETFs
+to those of a ``reference`` evaluation, the official ``--ref_ETF``), ``"cosine_margins"`` (the
+``(N,)`` per-sample margins, ``None`` when undefined), the nearest-ETF frames
+``"w_etf_frame"``/``"h_etf_frame"`` (to pass as a later ``reference``) and, with
+``per_class=True``, per-class NC1 and top-1 (``(K,)`` arrays) and with ``minority`` classes
+their majority/minority averages and the minority-collapse measure (:data:`IMBALANCE_KEYS`;
+definitions in :mod:`nc_jax.class_metrics`).
 """
 
 from __future__ import annotations
@@ -27,7 +33,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nc_jax import heads, metrics
+from nc_jax import class_metrics, heads, metrics
+
+#: Scalars every :func:`nc_evaluate` result holds.
+SCALAR_KEYS = metrics.METRIC_KEYS + ("numerical_rank", "w_etf_ref_dist", "h_etf_ref_dist")
+#: Scalars of a result with ``minority`` classes (class-imbalanced training sets).
+IMBALANCE_KEYS = ("nc1_majority", "nc1_minority", "top1_majority", "top1_minority",
+                  "minority_cosine", "minority_collapse")
 
 CHUNK = 8192
 """Rows per chunk of the streamed metric passes."""
@@ -54,8 +66,9 @@ def collect_features(batches: Iterable[tuple[jax.Array, jax.Array]]) -> tuple[np
 
 
 def nc_evaluate(features: np.ndarray, labels: np.ndarray, head_config: heads.HeadConfig,
-                head_params: Any, head_state: heads.HeadState, *,
-                chunk: int = CHUNK) -> dict[str, Any]:
+                head_params: Any, head_state: heads.HeadState, *, chunk: int = CHUNK,
+                reference: dict[str, Any] | None = None, per_class: bool = False,
+                minority: Any = None) -> dict[str, Any]:
   """The neural-collapse metrics of ``features`` under the head's evaluation classifier.
 
   Args:
@@ -63,24 +76,54 @@ def nc_evaluate(features: np.ndarray, labels: np.ndarray, head_config: heads.Hea
     labels: ``(N,)`` int labels in ``[0, K)``.
     head_config, head_params, head_state: the head (:mod:`nc_jax.heads`).
     chunk: rows per chunk of the streamed passes.
+    reference: an earlier result of this function (its ``*_etf_frame`` entries) for
+      ``w_etf_ref_dist`` / ``h_etf_ref_dist``; ``None``: those are NaN.
+    per_class: also ``nc1_per_class`` and ``top1_per_class``, ``(K,)`` float64 arrays.
+    minority: class ids of the minority classes (implies ``per_class``): also
+      :data:`IMBALANCE_KEYS` (means over the majority and minority classes, the minority
+      rows' mean cosine and its distance from −1/(K−1)).
 
   Returns:
-    ``{key: float for key in METRIC_KEYS} | {"cosine_margins": (N,) or None}``; all NaN (with
-    a warning naming the missing count) when a class has no example.
+    ``{key: float for key in SCALAR_KEYS}`` plus ``"cosine_margins"`` (``(N,)`` or ``None``),
+    ``"w_etf_frame"``, ``"h_etf_frame"`` (``(d, K)`` or ``None``) and the per-class and
+    imbalance entries asked for; NaN (and ``None``) throughout, with a warning naming the
+    missing count, when a class has no example.
   """
   features, labels = np.asarray(features), np.asarray(labels)
   k = head_config.num_classes
+  per_class = per_class or minority is not None
   missing = k - np.unique(labels).size
   if missing:
     warnings.warn(f"NC metrics undefined: {missing} of {k} classes have no example among the "
                   f"{labels.size} evaluated (a larger evaluation subset fixes it); NaN recorded",
                   stacklevel=2)
-    return {key: float("nan") for key in metrics.METRIC_KEYS} | {"cosine_margins": None}
+    out: dict[str, Any] = {key: float("nan") for key in SCALAR_KEYS}
+    out |= {"cosine_margins": None, "w_etf_frame": None, "h_etf_frame": None}
+    if per_class:
+      out |= {"nc1_per_class": np.full(k, np.nan), "top1_per_class": np.full(k, np.nan)}
+    if minority is not None:
+      out |= {key: float("nan") for key in IMBALANCE_KEYS}
+    return out
   mean = features.mean(axis=0, dtype=np.float64).astype(features.dtype)
   w, b = heads.classifier(head_config, head_params, head_state, mean)
+  w, b = np.asarray(w), np.asarray(b)
   result = metrics.nc_metrics_streaming(
       lambda: ((features[i:i + chunk], labels[i:i + chunk])
                for i in range(0, features.shape[0], chunk)),
-      np.asarray(w), np.asarray(b), k)
-  return {key: float(result[key]) for key in metrics.METRIC_KEYS} | {
-      "cosine_margins": result["cosine_margins"]}
+      w, b, k)
+  out = {key: float(result[key]) for key in metrics.METRIC_KEYS}
+  out["numerical_rank"] = class_metrics.numerical_rank(features, labels, k)
+  out |= class_metrics.etf_reference_distances(result, reference)
+  out |= {key: result[key] for key in ("cosine_margins", "w_etf_frame", "h_etf_frame")}
+  if per_class:
+    out["nc1_per_class"] = class_metrics.nc1_per_class(features, labels, k)
+    out["top1_per_class"] = class_metrics.top1_per_class(features, labels, w, b)
+  if minority is not None:
+    minor = np.zeros(k, bool)
+    minor[np.asarray(list(minority), dtype=np.int64)] = True
+    for name in ("nc1", "top1"):
+      values = out[f"{name}_per_class"]
+      out[f"{name}_majority"] = float(np.mean(values[~minor])) if (~minor).any() else np.nan
+      out[f"{name}_minority"] = float(np.mean(values[minor])) if minor.any() else np.nan
+    out |= class_metrics.minority_collapse(w, np.flatnonzero(minor))
+  return out

@@ -34,7 +34,8 @@ Metrics (keys of the dict returned by :func:`nc_metrics`):
   and :math:`H/\|H\|_F` to their nearest unit-Frobenius simplex ETF, in closed form
   (:func:`nc_jax.geometry.nearest_etf_closed_form`); ``wh_etf_dist``
   :math:`= \|E_W - E_H\|_F^2` between the two nearest ETFs. They need ``d >= K``
-  and are ``nan`` otherwise.
+  and are ``nan`` otherwise. ``w_etf_frame`` and ``h_etf_frame`` are those nearest ETFs,
+  :math:`E_W` and :math:`E_H` (``(d, K)`` float64 numpy arrays, ``None`` where undefined).
 
 Two passes (like the official code): pass 1 accumulates per-class sums and
 counts (:class:`ClassStats`); after it the class means are fixed
@@ -596,6 +597,10 @@ def _finalise(class_means: ClassMeans, stats: SecondPassStats, W: Any, b: Any, m
       "w_etf_dist": w_dist,
       "h_etf_dist": h_dist,
       "wh_etf_dist": wh_dist,
+      # The nearest ETFs themselves ((d, K), None where undefined): distances between epochs
+      # (nc_jax.class_metrics.etf_reference_distances).
+      "w_etf_frame": e_w,
+      "h_etf_frame": e_h,
   }
   if "nc3" not in why and math.isnan(out["nc3"]):
     why["nc3"] = "W H = 0 (the classifier rows are orthogonal to the centred class means)"

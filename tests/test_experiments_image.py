@@ -292,6 +292,40 @@ def test_data_parallel_equals_one_device(tmp_path):
 # --------------------------------------------------------------------------- #
 
 
+def test_imbalanced_noisy_run_records_class_metrics_and_resumes_bitwise(tmp_path):
+  """--imbalance step --label-noise: the training set shrinks as the profile says, the
+  records carry the imbalance metrics (per-class lists, minority collapse) and the
+  reference-ETF distances (0 at the reference epoch 1), and a run stopped mid-epoch resumes
+  to the same records (the reference ETFs are read back)."""
+  from experiments import cifar10
+  from nc_jax.data import imbalance
+  argv = ["--source", "synthetic", "--num-examples", "128", "--batch-size", "32", "--epochs",
+          "3", "--nc-every", "1", "--devices", "1", "--quiet", "--checkpoint-every", "1",
+          "--model", "mlp", "--width", "16", "--method", "implicit", "--no-plot",
+          "--imbalance", "step", "--imbalance-ratio", "2", "--label-noise", "0.1"]
+  cifar10.main(argv + ["--out", str(tmp_path / "full")])
+  full_folder = tmp_path / "full" / "cifar10" / "implicit" / "seed-1"
+  full = records(full_folder)
+  config = json.loads((full_folder / "config.json").read_text())["train_config"]
+  assert (config["imbalance"], config["imbalance_ratio"], config["label_noise"]) == (
+      "step", 2.0, 0.1)
+  first = full[0]
+  assert first["nc_train_w_etf_ref_dist"] == 0.0 and first["nc_test_h_etf_ref_dist"] == 0.0
+  assert full[-1]["nc_train_h_etf_ref_dist"] > 0.0
+  assert len(first["nc_train_top1_per_class"]) == 10
+  # The implicit head's classifier is an ETF: its minority rows have cosine −1/(K−1).
+  assert abs(first["nc_train_minority_cosine"] + 1 / 9) < 1e-6
+  assert (full_folder / "reference_etf.npz").exists()
+  per_class = np.bincount(np.arange(128) % 10)  # synthetic labels are balanced
+  kept = imbalance.class_counts(per_class.min(), 10, "step", 2.0).sum()
+  assert first["step"] == kept // 32
+  part = argv + ["--out", str(tmp_path / "part")]
+  assert cifar10.main(part + ["--max-steps", str(kept // 32 + 1)]) == {("implicit", 1): "stopped"}
+  assert cifar10.main(part + ["--resume"]) == {("implicit", 1): "done"}
+  resumed = records(tmp_path / "part" / "cifar10" / "implicit" / "seed-1")
+  assert [without_timings(r) for r in resumed] == [without_timings(r) for r in full]
+
+
 def test_resume_equals_uninterrupted(tmp_path, capsys):
   from experiments import cifar10
   argv = SMOKE + ["--model", "mlp", "--method", "implicit", "--epochs", "3", "--no-plot"]

@@ -1,4 +1,5 @@
-"""Fixed, class-balanced subsets of a split (reduced runs, the NC evaluation subset).
+"""Fixed subsets of a split (reduced runs, the NC evaluation subset, imbalanced training
+sets) and relabelled sources (label noise).
 
 A subset is chosen once, from a seed, independently of the run's seed, so the runs of a
 sweep differ only in what their seeds should change.
@@ -42,6 +43,29 @@ class Subset:
 
   def __getitems__(self, ids):
     return fetch(self.source, [self.ids[int(i)] for i in ids])
+
+
+class Relabelled:
+  """A random-access source whose records carry ``labels[i]`` instead of their own label
+  (label noise on a streamed training split)."""
+
+  def __init__(self, source, labels):
+    self.source, self.labels = source, np.asarray(labels).astype(np.int32)
+    if self.labels.shape != (len(source),):
+      raise ValueError(f"labels: expected shape ({len(source)},), got {self.labels.shape}")
+
+  def __len__(self):
+    return len(self.source)
+
+  def _relabel(self, i, record):
+    return {**record, "label": int(self.labels[int(i)])}
+
+  def __getitem__(self, i):
+    return self._relabel(i, self.source[int(i)])
+
+  def __getitems__(self, ids):
+    ids = [int(i) for i in ids]
+    return [self._relabel(i, r) for i, r in zip(ids, fetch(self.source, ids))]
 
 
 def source_labels(source) -> np.ndarray:
