@@ -100,7 +100,11 @@ from nc_jax.config import METHOD_VARIANTS, METHODS
 
 #: NC metrics of the final-NC table (``top1`` there is the un-augmented NC-pass accuracy).
 NC_KEYS = ("top1", "nc1", "nc2_etf", "nc2_equinorm_w", "wh_equinorm", "nc3", "ncc_mismatch",
-           "avg_cosine_margin")
+           "avg_cosine_margin", "numerical_rank", "w_etf_ref_dist", "h_etf_ref_dist",
+           # Class-imbalanced training sets only (nc_jax.evaluate.IMBALANCE_KEYS); a metric
+           # that no run recorded is left out of the Markdown tables.
+           "nc1_majority", "nc1_minority", "top1_majority", "top1_minority", "minority_cosine",
+           "minority_collapse")
 NC1_THRESHOLDS = (1e-1, 1e-2, 1e-3)
 # The running-mean accuracy is a float average of per-batch percentages: allow rounding.
 FULL_TOP1 = 100.0 - 1e-6
@@ -687,7 +691,9 @@ def render_markdown(folder: str | pathlib.Path, runs: dict[str, list[Run]], rows
   lines += ["", "## Final neural-collapse metrics (last NC epoch of each run)", ""]
   body = []
   for key in NC_KEYS:
-    kind = "sci" if key == "nc1" else "acc" if key == "top1" else "num"
+    kind = "sci" if key.startswith("nc1") else "acc" if key.startswith("top1") else "num"
+    if not any(find("final_nc", m, key, s)["n"] for m in runs for s in ("train", "test")):
+      continue  # recorded by no run (e.g. the imbalance metrics of a balanced experiment)
     for method in runs:
       tr, te = (find("final_nc", method, key, s) for s in ("train", "test"))
       body.append([key, method, str(tr["epoch"] or te["epoch"] or "–"), *_cells(tr, kind),

@@ -535,3 +535,27 @@ def test_cli_end_to_end_with_tests(tmp_path):
   assert float(row["p"]) == pytest.approx(12 / 252) and float(row["p_approx"]) > 0
   stat_row = next(r for r in table if r["table"] == "top1")
   assert all(stat_row[c] == "" for c in report.TEST_COLUMNS)
+
+
+def test_imbalance_metrics_appear_only_when_recorded(tmp_path):
+  """A balanced experiment's report has no minority rows; one whose runs recorded the
+  imbalance metrics reports their medians per method."""
+  balanced, imbalanced = tmp_path / "balanced", tmp_path / "imbalanced"
+  for root, extra in ((balanced, {}), (imbalanced, {"minority_collapse": 0.25,
+                                                    "top1_minority": 40.0})):
+    for method in ("standard", "implicit"):
+      for seed in (1, 2):
+        recs = records_for(method, seed)
+        for rec in recs:
+          for split in ("train", "test"):
+            if f"nc_{split}_nc1" in rec:
+              rec.update({f"nc_{split}_{k}": v * seed for k, v in extra.items()})
+        make_run(root, method, seed, recs)
+  for root in (balanced, imbalanced):
+    report.main([str(root), "--quiet", "--no-plot"])
+  assert "minority_collapse" not in (balanced / "report.md").read_text()
+  text = (imbalanced / "report.md").read_text()
+  row = next(line for line in text.splitlines()
+             if line.startswith("| minority_collapse | implicit |"))
+  assert "0.3750 [0.2500, 0.5000]" in row       # median [min, max] over seeds 1, 2
+  assert "| top1_minority | standard |" in text
