@@ -112,7 +112,7 @@ from nc_jax.data import batching, registry  # noqa: E402
 # Head variants: name -> the TrainConfig head fields that make it: the methods of
 # nc_jax.config.METHOD_VARIANTS, then the implicit head with each factorisation and solver.
 HEAD_VARIANTS: dict[str, dict[str, Any]] = {
-    **{name: {"head": v.head, "forward_only": v.forward_only}
+    **{name: {"head": v.head, "forward_only": v.forward_only, **dict(v.options)}
        for name, v in METHOD_VARIANTS.items()},
     "implicit-svd": {"head": "implicit", "factorisation": "svd"},
     "implicit-eigh": {"head": "implicit", "factorisation": "eigh"},
@@ -125,7 +125,7 @@ OPTIMIZERS: dict[str, dict[str, Any]] = {
     "agd": {"optimizer": "agd"},
     "sgd": {"optimizer": "sgd", "learning_rate": 0.05, "momentum": 0.9, "weight_decay": 5e-4},
 }
-DEFAULT_HEADS = METHODS
+DEFAULT_HEADS = tuple(m for m in METHODS if not METHOD_VARIANTS[m].options)  # the four heads
 BASELINE = "standard"
 DEFAULT_BATCHES = (128, 256)
 DEFAULT_CLASSES = (10, 100)

@@ -275,11 +275,9 @@ def parse_args(experiment: str, argv: Sequence[str] | None = None
 
 
 def config_for(base: config_lib.TrainConfig, method: str, seed: int) -> config_lib.TrainConfig:
-  """The run's TrainConfig: the method's head and forward-only flag
+  """The run's TrainConfig: the method's head, forward-only flag and options
   (:data:`nc_jax.config.METHOD_VARIANTS`), and the seed."""
-  variant = METHOD_VARIANTS[method]
-  return dataclasses.replace(base, head=variant.head, forward_only=variant.forward_only,
-                             seed=seed)
+  return dataclasses.replace(METHOD_VARIANTS[method].train_config(base), seed=seed)
 
 
 def select_devices(text: str) -> list:

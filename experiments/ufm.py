@@ -160,7 +160,7 @@ def run_one(cfg: UFMConfig, method: str, seed: int, log=print) -> dict:
   k, n, d = cfg.classes, cfg.classes * cfg.samples_per_class, cfg.dim
   variant = METHOD_VARIANTS[method]
   head_cfg = heads.HeadConfig(variant.head, num_classes=k, feature_dim=d, tau=cfg.tau,
-                              forward_only=variant.forward_only)
+                              **variant.head_options())
   key_h, key_head = jax.random.split(jax.random.PRNGKey(seed))
   labels = jnp.arange(n, dtype=jnp.int32) % k
   params = {"features": jax.random.normal(key_h, (n, d), jnp.float32)}
@@ -179,7 +179,7 @@ def run_one(cfg: UFMConfig, method: str, seed: int, log=print) -> dict:
   @jax.jit
   def step(params, opt_state, head_state):
     def objective(p):
-      h = heads.normalise_features(p["features"], cfg.tau)
+      h = heads.head_features(head_cfg, p["features"])
       logits, new_head = heads.train_logits(head_cfg, p["head"], head_state, h, labels)
       return heads.loss("cross_entropy", logits, labels), new_head
 
@@ -190,7 +190,7 @@ def run_one(cfg: UFMConfig, method: str, seed: int, log=print) -> dict:
     return params, opt_state, new_head, loss, heads.unconverged_solves(new_head)
 
   def evaluate(it, loss):
-    h = np.asarray(heads.normalise_features(params["features"], cfg.tau))
+    h = np.asarray(heads.head_features(head_cfg, params["features"]))
     m = nc_evaluate(h, np.asarray(labels), head_cfg, params["head"], head_state)
     record = {"iteration": it, "loss": float(loss)}
     record.update({key: m[key] for key in metrics.METRIC_KEYS})

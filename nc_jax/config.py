@@ -40,18 +40,36 @@ class MethodVariant:
     head: the head kind (:data:`nc_jax.heads.HEAD_KINDS`), :attr:`TrainConfig.head`.
     forward_only: no gradient through the nearest ETF (the paper's ablation).
     colour: its colour in every figure.
+    options: further :class:`TrainConfig` fields the method sets, ``((name, value), ...)``.
   """
   head: str
   forward_only: bool
   colour: str
+  options: tuple[tuple[str, Any], ...] = ()
+
+  def train_config(self, base: "TrainConfig") -> "TrainConfig":
+    """``base`` with this method's head, forward-only flag and options."""
+    return dataclasses.replace(base, head=self.head, forward_only=self.forward_only,
+                               **dict(self.options))
+
+  def head_options(self) -> dict[str, Any]:
+    """The :class:`nc_jax.heads.HeadConfig` fields this method sets besides its kind (for
+    code without a TrainConfig, e.g. the UFM)."""
+    names = {"normalise_features": "normalise"}
+    return {"forward_only": self.forward_only,
+            **{names.get(k, k): v for k, v in self.options}}
 
 
-# The one table of methods: the paper's three heads and the forward-only ablation.
+# The one table of methods: the paper's three heads and its two ablations.
 METHOD_VARIANTS = types.MappingProxyType({
     "standard": MethodVariant("standard", False, "tab:blue"),
     "fixed": MethodVariant("fixed", False, "tab:orange"),
     "implicit": MethodVariant("implicit", False, "tab:green"),
     "implicit-fo": MethodVariant("implicit", True, "tab:red"),
+    # The paper's ablation: standard training without feature and weight normalisation.
+    "standard-nonorm": MethodVariant("standard", False, "tab:purple",
+                                     (("normalise_features", False),
+                                      ("renormalise_rows", False))),
 })
 METHODS = tuple(METHOD_VARIANTS)
 
@@ -124,6 +142,9 @@ class TrainConfig:
   forward_only: bool = _field(
       False, "implicit head: no gradient through the nearest ETF (the paper's ablation)")
   tau: float = _field(5.0, "feature norm τ the heads scale features to (the paper's: 5)")
+  normalise_features: bool = _field(
+      True, "scale features to norm τ (off: the standard head's ablation without feature "
+      "normalisation; the ETF heads need it)")
   loss: str = _field("cross_entropy", "training loss on the logits")
   bias: bool = _field(False, "standard head: a learned classifier bias (AGD needs it off)")
   renormalise_rows: bool = _field(
@@ -222,7 +243,7 @@ class TrainConfig:
   def head_config(self, num_classes: int, feature_dim: int) -> heads.HeadConfig:
     return heads.HeadConfig(
         self.head, num_classes=num_classes, feature_dim=feature_dim, tau=self.tau,
-        bias=self.bias, renormalise_rows=self.renormalise_rows, rotation_seed=self.rotation_seed,
+        normalise=self.normalise_features, bias=self.bias, renormalise_rows=self.renormalise_rows, rotation_seed=self.rotation_seed,
         forward_only=self.forward_only, delta=self.delta, solver=self.solver,
         factorisation=self.factorisation)
 

@@ -51,6 +51,9 @@ class HeadConfig:
     num_classes: K ≥ 2.
     feature_dim: d (≥ K for the ETF heads).
     tau: feature norm τ (paper: 5).
+    normalise: scale the features to norm τ (:func:`head_features`); only the standard head
+      may turn it off (the paper's ablation of standard training without feature and weight
+      normalisation, with ``renormalise_rows=False``).
     bias: standard head: learn a bias (paper: no, ``--no-bias``).
     renormalise_rows: standard head: unit-norm rows after every update.
     rotation_seed: fixed head: ``None`` for the canonical ETF in the first K
@@ -64,6 +67,7 @@ class HeadConfig:
   num_classes: int
   feature_dim: int
   tau: float = 5.0
+  normalise: bool = True
   bias: bool = False
   renormalise_rows: bool = True
   rotation_seed: int | None = None
@@ -86,6 +90,9 @@ class HeadConfig:
           f"K, got d={self.feature_dim}, K={self.num_classes}")
     if not self.tau > 0:
       raise ValueError(f"tau: expected a positive feature norm, got {self.tau!r}")
+    if not self.normalise and self.kind != "standard":
+      raise ValueError(f"normalise: the {self.kind} ETF head needs features of norm τ "
+                       f"(normalise=True); only the standard head can train without it")
     if self.solver not in solver.METHODS:
       raise ValueError(f"solver: expected one of {solver.METHODS}, got {self.solver!r}")
     solver.check_factorisation(self.factorisation)
@@ -126,6 +133,12 @@ def normalise_features(h: jax.Array, tau: float) -> jax.Array:
   r""":math:`\tau\,h/\max(\|h\|_2, 10^{-12})` row-wise; ``h``: ``(n, d)``."""
   norm = jnp.linalg.norm(h, axis=-1, keepdims=True)
   return tau * h / jnp.maximum(norm, 1e-12)
+
+
+def head_features(config: HeadConfig, h: jax.Array) -> jax.Array:
+  """The head's input: backbone features ``(n, d)`` scaled to norm τ
+  (:func:`normalise_features`), or unchanged when ``config.normalise`` is off."""
+  return normalise_features(h, config.tau) if config.normalise else h
 
 
 def etf_classifier(frame: jax.Array) -> jax.Array:

@@ -214,7 +214,7 @@ class Head(fnnx.Module):
                        f"feature_dim={self.config.feature_dim}), got {tuple(features.shape)}")
     if not jnp.issubdtype(features.dtype, jnp.floating):
       raise ValueError(f"features: expected a floating array, got dtype {features.dtype}")
-    return heads.normalise_features(features.astype(self.dtype), self.config.tau)
+    return heads.head_features(self.config, features.astype(self.dtype))
 
   # ------------------------------------------------------------------ helpers
 

@@ -3,7 +3,7 @@ r"""Train state and pure, jit-compiled train/eval steps, data-parallel over a de
 A step is ``train_step(state, images, labels) -> (state, metrics)``:
 
 1. backbone (Flax Linen, BatchNorm in training mode) → raw features ``(n, d)``;
-2. :func:`nc_jax.heads.normalise_features` (τ) → head logits (standard, fixed
+2. :func:`nc_jax.heads.head_features` (τ-normalisation) → head logits (standard, fixed
    ETF or implicit ETF, :mod:`nc_jax.heads`) → loss;
 3. gradients w.r.t. the trainable parameters (backbone, plus the standard
    head's classifier), an Optax update, and the standard head's row
@@ -104,7 +104,7 @@ def _forward(model, head_config, params, batch_stats, images, train):
     feats, new_stats = model.apply(variables, images, train=train), batch_stats
   # bf16 backbones: the head always computes in (at least) float32.
   feats = feats.astype(jnp.promote_types(feats.dtype, jnp.float32))
-  return heads.normalise_features(feats, head_config.tau), new_stats
+  return heads.head_features(head_config, feats), new_stats
 
 
 def _step_metrics(per_sample, logits, labels):

@@ -293,3 +293,21 @@ def test_paper_resnet18_implicit_agd_steps_on_cpu():
   assert float(optim.agd_eta_from_state(state.opt_state)) > 0
   assert float(nc.stiefel.orthonormality_error(state.head.frame)) < 1e-5
   assert int(state.head.means.step) == 2
+
+
+def test_standard_head_without_normalisation_is_the_papers_ablation():
+  """normalise=False passes the backbone features through unscaled (and only the standard
+  head allows it); the method 'standard-nonorm' also leaves the rows unnormalised."""
+  from nc_jax.config import METHOD_VARIANTS, TrainConfig
+  h = jnp.asarray(np.random.default_rng(0).standard_normal((6, 8)) * 3.0)
+  off = heads.HeadConfig("standard", num_classes=4, feature_dim=8, normalise=False)
+  on = heads.HeadConfig("standard", num_classes=4, feature_dim=8)
+  np.testing.assert_array_equal(heads.head_features(off, h), h)
+  np.testing.assert_allclose(jnp.linalg.norm(heads.head_features(on, h), axis=1), 5.0)
+  for kind in ("fixed", "implicit"):
+    with pytest.raises(ValueError, match=r"^normalise: the .* ETF head needs features of norm"):
+      heads.HeadConfig(kind, num_classes=4, feature_dim=8, normalise=False)
+  cfg = METHOD_VARIANTS["standard-nonorm"].train_config(
+      TrainConfig(dataset="synthetic", source="synthetic", model="mlp")).validate()
+  head = cfg.head_config(10, 512)
+  assert (head.kind, head.normalise, head.renormalise_rows) == ("standard", False, False)

@@ -11,7 +11,7 @@ from experiments import ufm
 def test_short_run_writes_records_figure_and_summary(tmp_path, capsys):
   out = tmp_path / "ufm"
   results = ufm.main(["--iterations", "30", "--eval-every", "10", "--seeds", "0-1", "--out",
-                      str(out), "--methods", "standard,fixed,implicit,implicit-fo", "--quiet"])
+                      str(out), "--methods", ",".join(ufm.METHODS), "--quiet"])
   text = capsys.readouterr().out
   assert "it: NC1<0.01" in text and "CE lower bound 0.0342" in text
   assert (out / "ufm.png").stat().st_size > 10_000
@@ -25,6 +25,9 @@ def test_short_run_writes_records_figure_and_summary(tmp_path, capsys):
       assert [r["iteration"] for r in records] == [1, 10, 20, 30]
       assert records[-1]["loss"] < records[0]["loss"]       # it trains
       assert np.load(folder / "margins.npy").shape == (1000,)
+  # The ablation without normalisation trains unnormalised features (norms drift from τ).
+  assert results["standard-nonorm"][0]["history"][-1]["loss"] != results["standard"][0][
+      "history"][-1]["loss"]
   # Seeds differ; the ETF methods are ETFs by construction.
   s0, s1 = (results["implicit"][i]["history"][-1]["loss"] for i in (0, 1))
   assert s0 != s1
