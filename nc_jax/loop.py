@@ -6,7 +6,8 @@ train state is the whole run state (the pipelines' batches are pure functions of
 or seed, the epoch and the batch): a run stopped at any step (SIGINT/SIGTERM, or
 ``max_steps``) and resumed from its checkpoint continues exactly where it was, bitwise on CPU,
 and its records are bitwise the uninterrupted run's (a mid-epoch stop saves the epoch's running
-sums with the position).
+sums with the position, and the data iterator's state when it has one: a streaming pipeline's
+Grain iterator state, restored on resume and checked against the position).
 
 Per step the host only dispatches: metrics are summed on device and the host reads them once
 per epoch (:func:`nc_jax.train.summarise`, which also stops a faulty run:
@@ -33,7 +34,8 @@ class FitResult:
   history: list[dict]
   stopped: bool          # True if a stop request or max_steps ended the run early
   position: dict         # where the run would continue: {"epoch", "batch"} (mid-epoch: and
-                         # "sums", the epoch's running metric sums)
+                         # "sums", the epoch's running metric sums, and "data", the data
+                         # iterator's get_state() if it has one)
   stop_reason: str | None = None  # "max_steps", or the signal's name ("SIGTERM", "SIGINT")
 
 
@@ -82,7 +84,9 @@ def fit(state: train.TrainState, data: Pipeline, *, steps: Steps, epochs: int,
     checkpointer: saves every ``checkpoint_every`` epochs, at the end, and when
       stopped (SIGINT/SIGTERM or ``max_steps``).
     position: ``{"epoch": e, "batch": i}`` to resume at (as :class:`FitResult` or the
-      checkpoint gives it; mid-epoch also ``"sums"``).
+      checkpoint gives it; mid-epoch also ``"sums"`` and, from a pipeline whose training
+      iterator has ``get_state()``, ``"data"``, passed back to
+      ``data.train_batches(..., data_state=...)``, which checks it against ``(e, i)``).
     max_steps: stop (and checkpoint) after this many steps of this call.
     on_epoch: called with each epoch's record and the state at its end, ``(record, state)``
       (logging, progress, evaluating the state: the NC pass of the image runner).
@@ -106,7 +110,11 @@ def fit(state: train.TrainState, data: Pipeline, *, steps: Steps, epochs: int,
   with StopRequest() as stop:
     for epoch in range(position["epoch"], epochs):
       start = position["batch"] if epoch == position["epoch"] else 0
-      rows = data.train_batches(state, epoch, start)
+      # A pipeline whose iterator has a state (streaming: Grain's) saved it with a mid-epoch
+      # position; it gets it back to restore, and checks it against (epoch, start).
+      data_state = position.get("data") if start else None
+      rows = (data.train_batches(state, epoch, start) if data_state is None else
+              data.train_batches(state, epoch, start, data_state=data_state))
       # A run stopped mid-epoch saved the epoch's running sums with its position: the
       # epoch's record is then bitwise the uninterrupted one's.
       total = _restore_sums(position.get("sums"), mesh) if start else None
@@ -118,11 +126,13 @@ def fit(state: train.TrainState, data: Pipeline, *, steps: Steps, epochs: int,
         if on_step is not None:
           on_step(epoch, b)
         if stop.requested or (max_steps is not None and taken >= max_steps):
-          if hasattr(rows, "close"):
-            rows.close()  # stops a streaming pipeline's prefetch thread
           here = {"epoch": epoch, "batch": b + 1}
           if b + 1 == num_batches:
             here = {"epoch": epoch + 1, "batch": 0}
+          elif hasattr(rows, "get_state"):  # mid-epoch: the data iterator's own state too
+            here["data"] = rows.get_state()
+          if hasattr(rows, "close"):
+            rows.close()  # stops a streaming pipeline's threads and worker processes
           # Never checkpoint a faulty state; keep the epoch's running sums with the position.
           train.check_step_metrics(total, f"epoch {epoch + 1}")
           if here["batch"]:

@@ -16,8 +16,11 @@ interface, so none of them depends on where the data lives:
   plan is a pure function of the run key in the train state (``fold_in(fold_in(rng, 0),
   epoch)``), the augmentation of a step of ``fold_in(fold_in(rng, 1), step)``.
 * :class:`StreamingPipeline` — random-access sources decoded and augmented on the host
-  (:class:`nc_jax.data.StreamingLoader`, ImageNet); batches are host arrays put on the mesh;
-  order and augmentation are seeded by ``(seed, epoch, index)``.
+  through Grain (:class:`nc_jax.data.streaming.GrainLoader`: Grain threads or worker
+  processes, ImageNet); batches are host arrays, each process's slice of the global batch, put
+  on the mesh; order and augmentation are seeded by ``(seed, epoch, index)``. Its training
+  iterator also has a ``get_state()`` (the Grain iterator state), saved with a mid-epoch
+  position and checked against it on resume.
 
 Either way the position ``(epoch, batch)`` plus the train state is the whole run state, so a
 run resumed from its checkpoint continues bitwise. :meth:`nc_jax.config.TrainConfig.pipeline`
@@ -38,7 +41,7 @@ import numpy as np
 from nc_jax import train
 from nc_jax.data import batching
 from nc_jax.data.augment import AugmentSpec
-from nc_jax.data.streaming import StreamingLoader
+from nc_jax.data.streaming import EpochIterator, GrainLoader
 from nc_jax.data.subsets import Subset
 
 SPLITS = ("train", "eval")
@@ -292,15 +295,31 @@ def _host_batch(batch, mesh) -> tuple:
 @dataclasses.dataclass(frozen=True, eq=False)
 class StreamingPipeline(Pipeline):
   """Splits as random-access sources (``len(src)``, ``src[i] -> {"image", "label"}``: a
-  ``tfds.data_source``, an :class:`~nc_jax.data.ArraySource`), decoded and augmented on
-  the host by :class:`~nc_jax.data.StreamingLoader`\\ s with prefetch threads; a batch is
+  ``tfds.data_source``, an :class:`~nc_jax.data.ArraySource`, a
+  :class:`~nc_jax.data.subsets.Subset`), decoded and augmented on the host through Grain
+  (:class:`~nc_jax.data.streaming.GrainLoader`: threads or worker processes); a batch is
   ``(images (B, h, w, C) float32, labels (B,) int32)``, this process's slice put on the mesh.
+
+  Determinism: the training batches of an epoch are a pure function of ``seed``, the epoch
+  and the batch index (plan from ``fold_in(key(seed), epoch)``, augmentation seeded by
+  ``(seed, epoch, index)``), whatever ``num_threads`` and ``num_workers``.
+  :meth:`train_batches` returns an iterator with ``get_state()`` (the Grain iterator state,
+  JSON-serialisable), which :func:`nc_jax.loop.fit` saves with a mid-epoch position and hands
+  back as ``data_state`` on resume, where it is checked against the epoch and batch.
 
   Attributes:
     train_source, eval_source: the splits (``eval_source`` may be ``None``).
     train_labels: ``(N,)`` labels of the training source, needed for ``stratified``.
     seed: seeds the epoch order and each example's augmentation (``(seed, epoch, index)``).
-    num_threads: host threads decoding and augmenting.
+    num_threads: Grain read threads per process, each building whole batches (0: in the
+      training loop's thread; ``None``: one per core, at most 16).
+    num_workers: Grain worker processes (0: threads only); each has ``num_threads`` threads.
+    prefetch: batches kept ready ahead per process (``None``: ``max(num_threads, 2)``); host
+      memory holds about that many batches (ImageNet, 256 a process: 154 MB each).
+
+  Raises:
+    nc_jax.data.MissingExtraError: grain is not installed (the ``data`` extra), on
+      construction.
   """
   train_source: Any
   eval_source: Any
@@ -312,23 +331,26 @@ class StreamingPipeline(Pipeline):
   mesh: Any = None
   train_labels: Any = None
   seed: int = 0
-  num_threads: int = 16
+  num_threads: int | None = None
+  num_workers: int = 0
+  prefetch: int | None = None
 
   def __post_init__(self):
     if self.mesh is not None:
       train.check_batch_size(self.batch_size, self.mesh)
-    _ = self._train_loader  # validates batch size, stratification and labels now
+    _ = self._train_loader  # validates grain, batch size, stratification and labels now
+
+  def _loader(self, source, spec, train_split: bool) -> GrainLoader:
+    common = dict(batch_size=self.batch_size, num_threads=self.num_threads,
+                  num_workers=self.num_workers, prefetch=self.prefetch)
+    if train_split:
+      return GrainLoader(source, spec, train=True, seed=self.seed, stratified=self.stratified,
+                         labels=self.train_labels, num_classes=self.num_classes, **common)
+    return GrainLoader(source, spec, train=False, **common)
 
   @functools.cached_property
-  def _train_loader(self) -> StreamingLoader:
-    return StreamingLoader(self.train_source, self.train_spec, batch_size=self.batch_size,
-                           train=True, seed=self.seed, stratified=self.stratified,
-                           labels=self.train_labels, num_classes=self.num_classes,
-                           num_threads=self.num_threads)
-
-  def _eval_loader(self, source) -> StreamingLoader:
-    return StreamingLoader(source, self.eval_spec, batch_size=self.batch_size, train=False,
-                           num_threads=self.num_threads)
+  def _train_loader(self) -> GrainLoader:
+    return self._loader(self.train_source, self.train_spec, True)
 
   @property
   def steps_per_epoch(self) -> int:
@@ -356,22 +378,32 @@ class StreamingPipeline(Pipeline):
     return Steps(train.compile_train_step(self.mesh, tx=tx, **static),
                  train.compile_eval_step(self.mesh, **static), fj)
 
-  def _stream(self, loader: StreamingLoader, epoch: int, start: int = 0) -> Iterator[tuple]:
-    # A generator: closing it (loop.fit on a stop) exits the ``with`` and stops the
-    # loader's prefetch thread.
-    with loader.epoch(epoch, start=start) as it:
-      for batch in it:
-        yield _host_batch(batch, self.mesh)
+  def _put(self, batch) -> tuple:
+    return _host_batch(batch, self.mesh)
 
-  def train_batches(self, state, epoch: int, start: int = 0) -> Iterator[tuple]:
-    del state  # the order is seeded by (seed, epoch)
-    return self._stream(self._train_loader, epoch, start)
+  def train_batches(self, state, epoch: int, start: int = 0,
+                    data_state: dict | None = None) -> EpochIterator:
+    """Step arguments of the training batches ``start, …`` of ``epoch``, as an iterator with
+    ``close()`` and ``get_state()``.
+
+    Args:
+      state: unused (the order is seeded by ``(seed, epoch)``).
+      data_state: the iterator's ``get_state()`` saved at ``(epoch, start)``: restored with
+        Grain's ``set_state()``.
+
+    Raises:
+      ValueError: ``data_state`` saved at another epoch or batch, or whose Grain state
+        resumes at another batch (at the first batch).
+    """
+    del state
+    return self._train_loader.epoch(epoch, start, state=data_state, transform=self._put)
 
   def eval_batches(self) -> Iterator[tuple]:
     self._check_split("eval")
-    return self._stream(self._eval_loader(self.eval_source), 0)
+    return self._loader(self.eval_source, self.eval_spec, False).epoch(0, transform=self._put)
 
   def feature_batches(self, split: str, ids=None) -> Iterator[tuple]:
     self._check_split(split)
     src = self.train_source if split == "train" else self.eval_source
-    return self._stream(self._eval_loader(src if ids is None else Subset(src, ids)), 0)
+    src = src if ids is None else Subset(src, ids)
+    return self._loader(src, self.eval_spec, False).epoch(0, transform=self._put)

@@ -23,7 +23,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from nc_jax import data
 from nc_jax.data import augment as aug
-from nc_jax.data import batching, registry, sources, streaming
 
 # ---------------------------------------------------------------------------
 # Registry
@@ -257,10 +256,11 @@ def test_tfds_mock_imagenet_streaming():
   with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
     src = data.tfds_source("imagenet2012", "test")  # tfds 'validation'
     assert len({np.asarray(src[i]["image"]).shape for i in range(6)}) > 1  # sizes vary
-    loader = data.StreamingLoader(src, info.train_spec, batch_size=4, train=True, seed=0,
-                                  num_threads=2)
+    loader = data.GrainLoader(src, info.train_spec, batch_size=4, train=True, seed=0,
+                              num_threads=2)
     with loader.epoch(0) as it:
       batches = list(it)
+    _same(list(loader.batches(0)), batches)
   assert len(batches) == 1
   assert batches[0].images.shape == (4, 224, 224, 3) and batches[0].images.dtype == np.float32
   assert batches[0].mask.all()
@@ -316,7 +316,7 @@ def test_tfds_prepared_array_record(tmp_path):
   x, y, info = data.load_split("mnist", "train", source="tfds", data_dir=tmp_path)
   assert x.shape == (12, 32, 32, 1)
   src = data.tfds_source("mnist", "train", data_dir=tmp_path)
-  loader = data.StreamingLoader(src, info.eval_spec, batch_size=5, train=False, num_threads=2)
+  loader = data.GrainLoader(src, info.eval_spec, batch_size=5, train=False, num_threads=2)
   with loader.epoch(0) as it:
     batches = list(it)
   assert len(batches) == 3 and batches[0].images.shape == (5, 32, 32, 3)  # Resize(32) on host
@@ -702,23 +702,35 @@ def test_host_augment():
 
 
 # ---------------------------------------------------------------------------
-# Streaming
+# Streaming (Grain)
 
 
-def _prefetch_threads():
-  return [t for t in threading.enumerate() if t.name == "nc_jax-prefetch" and t.is_alive()]
+def _grain_threads():
+  """Live threads of Grain's read pools (``grain-prefetch_*``) and prefetch iterators."""
+  return [t for t in threading.enumerate() if t.name.startswith("grain-") and t.is_alive()]
 
 
-def _wait_gone(thread, timeout=5.0):
+def _wait_until(predicate, timeout=10.0):
   t0 = time.perf_counter()
-  while thread.is_alive() and time.perf_counter() - t0 < timeout:
-    time.sleep(0.01)
-  return not thread.is_alive()
+  while not predicate() and time.perf_counter() - t0 < timeout:
+    time.sleep(0.02)
+  return predicate()
 
 
 def _stream_source(n=70, k=5):
   x, y = data.make_synthetic(n, k, (32, 32, 3), seed=1)
   return data.ArraySource(x, y), x, y
+
+
+class BrokenSource(data.ArraySource):
+  """Record 13 cannot be read (module level: worker processes unpickle it by reference)."""
+
+  def __getitem__(self, i):
+    if i == 13:
+      raise RuntimeError("corrupt record 13")
+    return super().__getitem__(i)
+
+  __getitems__ = None
 
 
 def _same(b1, b2):
@@ -727,21 +739,25 @@ def _same(b1, b2):
     np.testing.assert_array_equal(a.images, b.images)
     np.testing.assert_array_equal(a.labels, b.labels)
     np.testing.assert_array_equal(a.mask, b.mask)
+    assert a.index == b.index
 
 
 def test_streaming_prefetch_equals_sync():
+  """Grain's read threads, no threads, a mid-epoch start and the synchronous random-access
+  dataset give bitwise the same batches; the plan is the device path's."""
   src, _, _ = _stream_source()
   spec = data.get_dataset_info("cifar10").train_spec
-  loader = data.StreamingLoader(src, spec, batch_size=16, train=True, seed=3, num_threads=3)
+  loader = data.GrainLoader(src, spec, batch_size=16, train=True, seed=3, num_threads=3)
   assert len(loader) == 4
-  sync = list(loader.epoch_sync(0))
-  it = loader.epoch(0)
-  pre = list(it)
-  _same(sync, pre)
-  assert _wait_gone(it.thread)
-  single = data.StreamingLoader(src, spec, batch_size=16, train=True, seed=3, num_threads=0)
+  sync = list(loader.batches(0))
+  assert [b.index for b in sync] == [0, 1, 2, 3]
+  with loader.epoch(0) as it:
+    _same(sync, list(it))
+  single = data.GrainLoader(src, spec, batch_size=16, train=True, seed=3, num_threads=0)
   _same(sync, list(single.epoch(0)))  # thread count does not change the data
-  other = list(loader.epoch_sync(1))
+  _same(sync[2:], list(loader.epoch(0, start=2)))
+  assert list(loader.epoch(0, start=4)) == []
+  other = list(loader.batches(1))
   assert not np.array_equal(sync[0].images, other[0].images)
   b = sync[0]
   assert b.images.shape == (16, 32, 32, 3) and b.images.dtype == np.float32
@@ -750,58 +766,154 @@ def test_streaming_prefetch_equals_sync():
   assert len(seen) == 64
   # shuffled plan = the device path's plan for key(seed) folded with the epoch
   plan = np.asarray(data.shuffle_indices(jax.random.fold_in(jax.random.key(3), 0), 70, 16))
+  np.testing.assert_array_equal(loader.plan(0), plan)
   np.testing.assert_array_equal(seen, src.labels[plan.ravel()])
+  # each example augmented with its own generator, seeded by (seed, epoch, index)
+  i = int(plan[1, 5])
+  want = aug.normalise_np(data.host_augment(src[i]["image"], np.random.default_rng([3, 0, i]),
+                                            spec, True)[None], spec)[0]
+  np.testing.assert_array_equal(sync[1].images[5], want)
+  assert _wait_until(lambda: not _grain_threads())
+  u8 = _images_u8(4, 9, 7, 3, seed=2)
+  for name in ("cifar10", "imagenet2012", "mnist"):
+    s = data.get_dataset_info(name).eval_spec
+    np.testing.assert_array_equal(data.streaming.normalise_in_place(u8, s),
+                                  aug.normalise_np(u8, s))  # bitwise
 
 
-def test_streaming_close_stops_thread():
+def test_streaming_close_stops_threads():
   src, _, _ = _stream_source(200)
   spec = data.get_dataset_info("cifar10").train_spec
-  loader = data.StreamingLoader(src, spec, batch_size=10, train=True, prefetch=2, num_threads=2)
+  loader = data.GrainLoader(src, spec, batch_size=10, train=True, num_threads=2, prefetch=2)
   it = loader.epoch(0)
   next(it)
-  time.sleep(0.2)  # the producer is now blocked on the full queue
-  assert it.thread.is_alive()
+  assert _grain_threads()
   it.close()
-  assert _wait_gone(it.thread, 5.0)
+  assert _wait_until(lambda: not _grain_threads())
   with pytest.raises(StopIteration):
     next(it)
+  it.close()  # idempotent
   with loader.epoch(1) as it2:
     next(it2)
-  assert _wait_gone(it2.thread, 5.0)
+  assert _wait_until(lambda: not _grain_threads())
   it3 = loader.epoch(2)
   next(it3)
-  th = it3.thread
   del it3  # dropped without close: garbage collection closes it
   import gc
   gc.collect()
-  assert _wait_gone(th, 5.0)
-  assert not _prefetch_threads()
+  assert _wait_until(lambda: not _grain_threads())
 
 
 def test_streaming_errors_propagate():
-
-  class Broken(data.ArraySource):
-
-    def __getitem__(self, i):
-      if i == 13:
-        raise RuntimeError("corrupt record 13")
-      return super().__getitem__(i)
-
-    __getitems__ = None
-
   x, y = data.make_synthetic(20, 2, (8, 8, 3))
   spec = data.AugmentSpec(mean=(0.5,), std=(0.25,))
-  loader = data.StreamingLoader(Broken(x, y), spec, batch_size=5, train=False)
+  loader = data.GrainLoader(BrokenSource(x, y), spec, batch_size=5, train=False,
+                            num_threads=2)
   it = loader.epoch(0)
   with pytest.raises(RuntimeError, match="corrupt record 13"):
     list(it)
-  assert _wait_gone(it.thread)
+  with pytest.raises(StopIteration):  # closed by the error
+    next(it)
+  assert _wait_until(lambda: not _grain_threads())
+
+
+def test_streaming_workers_equal_threads_resume_close_and_errors():
+  """Grain worker processes: the same batches as threads (whole batches per worker,
+  interleaved back in order), the iterator state restored mid-epoch, processes gone after an
+  early close, and a worker's error raised here with its own message."""
+  import multiprocessing
+  src, _, _ = _stream_source(100)
+  spec = data.get_dataset_info("cifar10").train_spec
+  kw = dict(batch_size=16, train=True, seed=5, num_threads=1)
+  sync = list(data.GrainLoader(src, spec, **kw).batches(1))
+  loader = data.GrainLoader(src, spec, num_workers=2, **kw)
+  it = loader.epoch(1)
+  got = [next(it), next(it)]
+  state = it.get_state()
+  it.close()  # early close: the worker processes end
+  assert _wait_until(lambda: not multiprocessing.active_children())
+  _same(sync[:2], got)
+  assert (state["epoch"], state["batch"], state["num_workers"]) == (1, 2, 2)
+  import json
+  state = json.loads(json.dumps(state))  # as the checkpoint's JSON gives it back
+  with loader.epoch(1, 2, state=state) as rest:
+    _same(sync[2:], list(rest))
+  # a state saved with other workers: the pipeline starts at the batch (same batches)
+  threads = data.GrainLoader(src, spec, **kw)
+  _same(sync[2:], list(threads.epoch(1, 2, state=state)))
+  assert _wait_until(lambda: not multiprocessing.active_children())
+  x, y = data.make_synthetic(20, 2, (8, 8, 3))
+  broken = data.GrainLoader(BrokenSource(x, y), data.AugmentSpec(mean=(0.5,), std=(0.25,)),
+                            batch_size=5, train=False, num_threads=1, num_workers=1)
+  with pytest.raises(RuntimeError, match="corrupt record 13"):
+    list(broken.epoch(0))
+  assert _wait_until(lambda: not multiprocessing.active_children())
+
+
+def test_streaming_state_round_trip_and_cross_check():
+  """get_state() mid-epoch (JSON) → epoch(..., state=) continues bitwise; a state that
+  disagrees with the asked-for (epoch, batch), or whose Grain state resumes elsewhere, is a
+  clear error."""
+  import json
+  src, _, _ = _stream_source(100)
+  spec = data.get_dataset_info("cifar10").train_spec
+  loader = data.GrainLoader(src, spec, batch_size=16, train=True, seed=1, num_threads=2)
+  sync = list(loader.batches(0))
+  assert len(sync) == 6
+  states = {}
+  with loader.epoch(0) as it:
+    for b in it:
+      states[it.batch] = json.loads(json.dumps(it.get_state()))
+      if it.batch == 3:
+        break
+  assert set(states[2]) == set(data.streaming.STATE_KEYS) and states[2]["offset"] == 0
+  with loader.epoch(0, 2, state=states[2]) as rest:
+    _same(sync[2:], list(rest))
+  # a run resumed without a state (offset 1) and stopped again: its state restores too
+  with loader.epoch(0, 1) as it:
+    next(it)
+    later = json.loads(json.dumps(it.get_state()))
+  assert (later["batch"], later["offset"]) == (2, 1)
+  _same(sync[2:], list(loader.epoch(0, 2, state=later)))
+  with pytest.raises(ValueError, match=r"saved at epoch 0, batch 2, but the position says "
+                                       r"epoch 0, batch 3; .* disagree"):
+    loader.epoch(0, 3, state=states[2])
+  with pytest.raises(ValueError, match="saved at epoch 0, batch 2, but the position says epoch 1"):
+    loader.epoch(1, 2, state=states[2])
+  forged = dict(states[3], batch=2)  # the Grain state stands at batch 3, the envelope says 2
+  it = loader.epoch(0, 2, state=forged)
+  with pytest.raises(ValueError, match="resumes epoch 0 at batch 3, but the position says batch "
+                                       "2"):
+    next(it)
+  with pytest.raises(ValueError, match="expected a dict with keys"):
+    loader.epoch(0, 2, state={"epoch": 0, "batch": 2})
+  with pytest.raises(ValueError, match=r"start: expected a batch in \[0, 6\]"):
+    loader.epoch(0, 7)
+  assert _wait_until(lambda: not _grain_threads())
+
+
+def test_streaming_without_grain_fails_fast(monkeypatch):
+  """No grain (the data extra): one line naming the extra, when the pipeline is built."""
+  import sys
+  from nc_jax.pipeline import StreamingPipeline
+  monkeypatch.setitem(sys.modules, "grain", None)
+  src, _, y = _stream_source()
+  spec = data.get_dataset_info("cifar10").train_spec
+  with pytest.raises(data.MissingExtraError) as err:
+    data.GrainLoader(src, spec, batch_size=16, train=True)
+  message = str(err.value)
+  assert "\n" not in message and "'data' extra (grain)" in message
+  assert 'pip install -e ".[data]"' in message
+  assert isinstance(err.value, ValueError)
+  with pytest.raises(data.MissingExtraError, match="data"):
+    StreamingPipeline(src, None, train_spec=spec, eval_spec=spec, batch_size=16,
+                      num_classes=5)
 
 
 def test_streaming_eval_padding_and_process_split():
   src, x, y = _stream_source(70)
   spec = data.get_dataset_info("cifar10").eval_spec
-  ev = list(data.StreamingLoader(src, spec, batch_size=16, train=False).epoch(0))
+  ev = list(data.GrainLoader(src, spec, batch_size=16, train=False).epoch(0))
   assert len(ev) == 5
   assert ev[-1].mask.sum() == 6 and (ev[-1].labels[6:] == -1).all()
   labels = np.concatenate([b.labels[b.mask] for b in ev])
@@ -810,48 +922,68 @@ def test_streaming_eval_padding_and_process_split():
   np.testing.assert_allclose(
       ev[-1].images[-1],
       np.broadcast_to(-np.array(spec.mean) / np.array(spec.std), (32, 32, 3)), rtol=1e-6)
-  u8 = list(data.StreamingLoader(src, spec, batch_size=16, train=False,
-                                 output_dtype="uint8").epoch(0))
+  u8 = list(data.GrainLoader(src, spec, batch_size=16, train=False,
+                             output_dtype="uint8").epoch(0))
   assert u8[0].images.dtype == np.uint8
   np.testing.assert_allclose(aug.normalise_np(u8[0].images, spec), ev[0].images, rtol=1e-6)
   # eval over two processes: the second one's last slice is all padding
-  halves = [list(data.StreamingLoader(src, spec, batch_size=16, train=False, process_index=p,
-                                      process_count=2).epoch(0)) for p in (0, 1)]
+  halves = [list(data.GrainLoader(src, spec, batch_size=16, train=False, process_index=p,
+                                  process_count=2).epoch(0)) for p in (0, 1)]
   assert [b.mask.sum() for b in halves[1]] == [8, 8, 8, 8, 0]
   assert halves[1][-1].images.shape == (8, 32, 32, 3) and (halves[1][-1].labels == -1).all()
   np.testing.assert_array_equal(
       np.concatenate([np.concatenate([a.labels, b.labels]) for a, b in zip(*halves)]),
       np.concatenate([b.labels for b in ev]))
-  # two processes: each gets its half of every global batch
+  # two processes: each reads only its half of every global batch, through Grain's threads
   tspec = data.get_dataset_info("cifar10").train_spec
-  full = list(data.StreamingLoader(src, tspec, batch_size=16, train=True, seed=2,
-                                   process_index=0, process_count=1).epoch_sync(0))
-  parts = [list(data.StreamingLoader(src, tspec, batch_size=16, train=True, seed=2,
-                                     process_index=p, process_count=2).epoch_sync(0))
+  full = list(data.GrainLoader(src, tspec, batch_size=16, train=True, seed=2,
+                               process_index=0, process_count=1).batches(0))
+  parts = [list(data.GrainLoader(src, tspec, batch_size=16, train=True, seed=2,
+                                 process_index=p, process_count=2, num_threads=2).epoch(0))
            for p in (0, 1)]
   for g, a, b in zip(full, *parts):
-    assert a.images.shape[0] == 8
+    assert a.images.shape[0] == 8 and a.index == b.index == g.index
     np.testing.assert_array_equal(np.concatenate([a.images, b.images]), g.images)
     np.testing.assert_array_equal(np.concatenate([a.labels, b.labels]), g.labels)
+
+  class Counting(data.ArraySource):
+    read: list = []
+
+    def __getitems__(self, ids):
+      Counting.read.extend(ids)
+      return super().__getitems__(ids)
+
+  counting = Counting(x, y)
+  list(data.GrainLoader(counting, tspec, batch_size=16, train=True, seed=2, process_index=1,
+                        process_count=2, num_threads=0).epoch(0))
+  plan = data.GrainLoader(src, tspec, batch_size=16, train=True, seed=2).plan(0)
+  assert sorted(Counting.read) == sorted(plan[:, 8:].ravel().tolist())  # its slice only
 
 
 def test_streaming_stratified_and_config_errors():
   src, x, y = _stream_source(100, 5)
   spec = data.get_dataset_info("cifar10").train_spec
-  loader = data.StreamingLoader(src, spec, batch_size=12, train=True, stratified=True,
-                                labels=y, num_threads=0)
-  for b in loader.epoch_sync(0):
+  loader = data.GrainLoader(src, spec, batch_size=12, train=True, stratified=True, labels=y,
+                            num_threads=0)
+  key = jax.random.fold_in(jax.random.key(0), 0)
+  np.testing.assert_array_equal(loader.plan(0), data.epoch_indices(key, y, 12, True,
+                                                                   num_classes=5))
+  for b in loader.epoch(0):
     counts = np.bincount(b.labels, minlength=5)
     assert counts.min() == 2 and counts.max() == 3
   with pytest.raises(ValueError, match="needs labels"):
-    data.StreamingLoader(src, spec, batch_size=12, train=True, stratified=True)
+    data.GrainLoader(src, spec, batch_size=12, train=True, stratified=True)
   with pytest.raises(ValueError, match="batch_size >= num_classes"):
-    data.StreamingLoader(src, spec, batch_size=4, train=True, stratified=True, labels=y)
+    data.GrainLoader(src, spec, batch_size=4, train=True, stratified=True, labels=y)
   with pytest.raises(ValueError, match="batch_size"):
-    data.StreamingLoader(src, spec, batch_size=0, train=True)
+    data.GrainLoader(src, spec, batch_size=0, train=True)
   with pytest.raises(ValueError, match="divisible"):
-    data.StreamingLoader(src, spec, batch_size=10, train=True, process_count=3, process_index=0)
+    data.GrainLoader(src, spec, batch_size=10, train=True, process_count=3, process_index=0)
   with pytest.raises(ValueError, match="process_index"):
-    data.StreamingLoader(src, spec, batch_size=10, train=True, process_count=2, process_index=2)
+    data.GrainLoader(src, spec, batch_size=10, train=True, process_count=2, process_index=2)
   with pytest.raises(ValueError, match="larger than the dataset"):
-    data.StreamingLoader(src, spec, batch_size=101, train=True)
+    data.GrainLoader(src, spec, batch_size=101, train=True)
+  with pytest.raises(ValueError, match="num_workers must be a non-negative integer"):
+    data.GrainLoader(src, spec, batch_size=10, train=True, num_workers=-1)
+  with pytest.raises(ValueError, match="prefetch must be >= 1"):
+    data.GrainLoader(src, spec, batch_size=10, train=True, prefetch=0)

@@ -198,15 +198,16 @@ def test_sharded_fit_equals_single_device():
   assert single.history[-1]["eval"] == pytest.approx(sharded.history[-1]["eval"])
 
 
-def streaming_run(stratified=True, seed=3):
+def streaming_run(stratified=True, seed=3, num_workers=0, with_eval=True):
   model = FlatNet()
   cfg = heads.HeadConfig("implicit", num_classes=K, feature_dim=8)
   tx = optax.sgd(0.05, momentum=0.9)
   images, labels = (np.asarray(a) for a in image_data())
   source = ArraySource(images, labels)
-  data = StreamingPipeline(source, source, train_spec=SPEC_TRAIN, eval_spec=SPEC_EVAL,
-                           batch_size=32, num_classes=K, stratified=stratified,
-                           train_labels=labels, seed=seed, num_threads=2)
+  data = StreamingPipeline(source, source if with_eval else None, train_spec=SPEC_TRAIN,
+                           eval_spec=SPEC_EVAL, batch_size=32, num_classes=K,
+                           stratified=stratified, train_labels=labels, seed=seed,
+                           num_threads=2, num_workers=num_workers)
   state = train.create_train_state(model, tx, cfg, jax.random.PRNGKey(1), jnp.zeros((8, 6, 6, 1)))
   return state, data.compile(model=model, tx=tx, head_config=cfg), data
 
@@ -221,10 +222,36 @@ def test_streaming_fit_resumes_bitwise(tmp_path):
     template, steps3, data3 = streaming_run()
     restored, position = ck.restore(template)
   assert part.stopped and (position["epoch"], position["batch"]) == (1, 1)
+  # the Grain iterator state, saved in the checkpoint's JSON with the position
+  assert position["data"] == part.position["data"]
+  assert (position["data"]["epoch"], position["data"]["batch"]) == (1, 1)
   rest = loop.fit(restored, data3, steps=steps3, epochs=2, position=position)
   assert_trees_equal(full.state, rest.state)
   assert full.history[-1]["eval"] == rest.history[-1]["eval"]
   assert full.history[-1]["train"] == rest.history[-1]["train"]   # the resumed epoch's record
+  # a data state that disagrees with the position is refused, naming both
+  _, steps4, data4 = streaming_run()
+  bad = {**position, "batch": 2, "sums": position["sums"]}
+  with pytest.raises(ValueError, match=r"data state: saved at epoch 1, batch 1, but the position "
+                                       r"says epoch 1, batch 2"):
+    loop.fit(restored, data4, steps=steps4, epochs=2, position=bad)
+
+
+def test_streaming_fit_with_worker_processes_resumes_bitwise(tmp_path):
+  """Grain worker processes: stopped mid-epoch, checkpointed with the workers' iterator state
+  and resumed from it, the run ends bitwise where an uninterrupted run with threads does."""
+  state, steps, data = streaming_run(with_eval=False)
+  full = loop.fit(state, data, steps=steps, epochs=2)
+  state2, steps2, data2 = streaming_run(num_workers=2, with_eval=False)
+  with Checkpointer(tmp_path / "ck") as ck:
+    part = loop.fit(state2, data2, steps=steps2, epochs=2, checkpointer=ck, max_steps=5)
+    template, steps3, data3 = streaming_run(num_workers=2, with_eval=False)
+    restored, position = ck.restore(template)
+  assert part.stopped and part.position == position
+  assert (position["epoch"], position["batch"], position["data"]["num_workers"]) == (1, 2, 2)
+  rest = loop.fit(restored, data3, steps=steps3, epochs=2, position=position)
+  assert_trees_equal(full.state, rest.state)
+  assert full.history[-1]["train"] == rest.history[-1]["train"]
 
 
 def test_device_and_streaming_pipelines_agree_on_evaluation_and_features():

@@ -1,5 +1,5 @@
 """Data pipelines for nc_jax (docs/method.md §10.3): dataset registry, readers, augmentation,
-device-resident epochs with stratified batches, and host streaming with prefetch.
+device-resident epochs with stratified batches, and host streaming through Grain.
 
 * :mod:`~nc_jax.data.registry` — :func:`get_dataset_info` (K, shapes, normalisation,
   augmentation, tfds names) for mnist, fashion_mnist, cifar10, cifar100, stl10, svhn,
@@ -9,10 +9,13 @@ device-resident epochs with stratified batches, and host streaming with prefetch
 * :mod:`~nc_jax.data.augment` — jit-able device augmentation and numpy host counterparts.
 * :mod:`~nc_jax.data.batching` — :func:`epoch_indices` (plain or stratified index plans),
   :func:`make_batch` (gather + augment inside jit).
-* :mod:`~nc_jax.data.streaming` — :class:`StreamingLoader` (host batches, prefetch thread).
+* :mod:`~nc_jax.data.streaming` — :class:`GrainLoader` (host batches through Grain: our epoch
+  plans, per-example seeding, per-process slices, threads or worker processes, iterator
+  state).
 
-``tensorflow_datasets`` is imported lazily, only by the tfds readers (the ``data`` extra;
-without it they raise :class:`MissingExtraError`, naming ``pip install -e ".[data]"``).
+``tensorflow_datasets`` and ``grain`` are imported lazily, only by the tfds readers and the
+streaming loader (the ``data`` extra; without it they raise :class:`MissingExtraError`, naming
+``pip install -e ".[data]"``).
 """
 
 from nc_jax.data import augment, batching, registry, sources, streaming
@@ -24,11 +27,11 @@ from nc_jax.data.registry import (DATASETS, DatasetInfo, dataset_names, get_data
 from nc_jax.data.sources import (ArraySource, DataNotFoundError, MissingExtraError, load_idx,
                                  load_npz, load_split, load_tfds, make_synthetic, preprocess,
                                  read_idx, tfds_source)
-from nc_jax.data.streaming import Batch, PrefetchIterator, StreamingLoader
+from nc_jax.data.streaming import Batch, EpochIterator, GrainLoader
 
 __all__ = [
     "ArraySource", "AugmentSpec", "Batch", "DATASETS", "DataNotFoundError", "DatasetInfo",
-    "MissingExtraError", "PrefetchIterator", "StreamingLoader", "augment", "augment_batch",
+    "EpochIterator", "GrainLoader", "MissingExtraError", "augment", "augment_batch",
     "batching", "dataset_names", "epoch_indices", "eval_indices", "get_dataset_info",
     "host_augment", "load_idx", "load_npz", "load_split", "load_tfds", "make_batch",
     "make_synthetic", "normalise", "num_batches", "preprocess", "put_on_device", "read_idx",
