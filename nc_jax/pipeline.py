@@ -105,6 +105,10 @@ class Pipeline(abc.ABC):
     """Step arguments of the training batches ``start, start + 1, …`` of ``epoch`` (0-based).
 
     The iterator may hold a background thread: close it (``.close()``) when stopping early.
+    It may also have ``get_state()`` (a JSON-serialisable dict): :func:`nc_jax.loop.fit`
+    saves it with a mid-epoch position as ``position["data"]`` and, on resume, calls
+    ``train_batches(state, epoch, start, data_state=...)``, which such a pipeline must accept
+    and check against ``(epoch, start)``.
     """
 
   @abc.abstractmethod
