@@ -20,9 +20,13 @@ One invocation runs ``--methods`` × ``--seeds`` in turn (``--method`` and
   epoch's augmented batches), ``test_{loss,top1,top5}`` every ``--eval-every``
   epochs, and every ``--nc-every`` epochs (1, 1+n, 1+2n, …, as the official
   code, and the last) the neural-collapse metrics of
-  :func:`nc_jax.metrics.nc_metrics` on the un-augmented train and test splits as
-  ``nc_train_<key>`` / ``nc_test_<key>`` (and ``nc_seconds``, the time they took);
+  :func:`nc_jax.evaluate.nc_evaluate` on the un-augmented train and test splits as
+  ``nc_train_<key>`` / ``nc_test_<key>`` (and ``nc_seconds``, the time they took; with
+  ``--imbalance`` also the per-class lists and the minority metrics of
+  :data:`nc_jax.evaluate.IMBALANCE_KEYS`);
 * ``margins.npy`` — the sorted per-sample train cosine margins at the end;
+* ``reference_etf.npz`` — the nearest ETFs of epoch 1's NC pass, which the
+  ``nc_*_w_etf_ref_dist`` / ``nc_*_h_etf_ref_dist`` metrics compare with;
 * ``checkpoints/`` (Orbax; every ``--checkpoint-every`` epochs, at the end and
   on SIGINT/SIGTERM), ``tb/`` (TensorBoard scalars, when installed),
   ``metrics.png`` and ``margins.png``, and ``done.json`` once finished.
