@@ -46,6 +46,17 @@ def check_nonempty(name: str, x: jax.Array) -> None:
     raise ValueError(f"{name}: expected a non-empty array, got shape {tuple(x.shape)}")
 
 
+def float_dtype(name: str, dtype: Any) -> jnp.dtype:
+  """``dtype`` as a numpy dtype; ``ValueError`` naming ``name`` unless it is floating."""
+  try:
+    dt = jnp.dtype(dtype)
+  except TypeError as err:
+    raise ValueError(f"{name}: expected a floating dtype, got {dtype!r}") from err
+  if not jnp.issubdtype(dt, jnp.floating):
+    raise ValueError(f"{name}: expected a floating dtype, got {dt}")
+  return dt
+
+
 def check_num_classes(name: str, k: int) -> None:
   if int(k) != k or k < 2:
     raise ValueError(f"{name}: expected an integer number of classes K >= 2, got {k}")

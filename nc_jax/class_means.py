@@ -114,12 +114,7 @@ def init(dim: int, num_classes: int, dtype: Any = jnp.float32) -> ClassMeanState
   if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
     raise ValueError(f"num_classes: expected an integer number of classes K >= 2, got {num_classes!r}")
   v.check_num_classes("num_classes", num_classes)
-  try:
-    dt = jnp.dtype(dtype)
-  except TypeError as err:
-    raise ValueError(f"dtype: expected a floating dtype, got {dtype!r}") from err
-  if not jnp.issubdtype(dt, jnp.floating):
-    raise ValueError(f"dtype: expected a floating dtype, got {dt}")
+  dt = v.float_dtype("dtype", dtype)
   d, k = int(dim), int(num_classes)
   return ClassMeanState(
       ema=jnp.zeros((d, k), dtype=dt),

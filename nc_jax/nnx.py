@@ -76,6 +76,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx as fnnx
 
+from nc_jax import _validation as v
 from nc_jax import heads
 
 __all__ = [
@@ -127,12 +128,7 @@ class Head(fnnx.Module):
                rngs: fnnx.Rngs | None = None):
     if not isinstance(config, heads.HeadConfig):
       raise ValueError(f"config: expected a nc_jax.heads.HeadConfig, got {type(config).__name__}")
-    try:
-      dt = jnp.dtype(dtype)
-    except TypeError as err:
-      raise ValueError(f"dtype: expected a floating dtype, got {dtype!r}") from err
-    if not jnp.issubdtype(dt, jnp.floating):
-      raise ValueError(f"dtype: expected a floating dtype, got {dt}")
+    dt = v.float_dtype("dtype", dtype)
     if not isinstance(deterministic, bool):
       raise ValueError(f"deterministic: expected a bool, got {deterministic!r}")
     if axis_name is not None:
