@@ -21,16 +21,17 @@ from nc_jax.data.sources import SOURCES
 from nc_jax.config import METHOD_VARIANTS, METHODS
 
 
-def parse_methods(text: str) -> tuple[str, ...]:
-  """A comma list of :data:`METHODS` (duplicates removed, order kept).
+def parse_methods(text: str, allowed: Sequence[str] = METHODS) -> tuple[str, ...]:
+  """A comma list of ``allowed`` methods (default :data:`METHODS`; duplicates removed,
+  order kept).
 
   Raises:
     ValueError: naming ``--methods``, for an empty list or an unknown method.
   """
   methods = tuple(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
-  bad = [m for m in methods if m not in METHODS]
+  bad = [m for m in methods if m not in allowed]
   if bad or not methods:
-    raise ValueError(f"--methods: expected a comma list of {', '.join(METHODS)}; got {text!r}"
+    raise ValueError(f"--methods: expected a comma list of {', '.join(allowed)}; got {text!r}"
                      + (f" (unknown: {', '.join(bad)})" if bad else ""))
   return methods
 

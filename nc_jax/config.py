@@ -52,15 +52,25 @@ class MethodVariant:
     return dataclasses.replace(base, head=self.head, forward_only=self.forward_only,
                                **dict(self.options))
 
+  @property
+  def loss(self) -> str:
+    """The training loss this method uses (:data:`nc_jax.heads.LOSSES`): its ``loss``
+    option, else cross-entropy."""
+    return dict(self.options).get("loss", "cross_entropy")
+
   def head_options(self) -> dict[str, Any]:
     """The :class:`nc_jax.heads.HeadConfig` fields this method sets besides its kind (for
-    code without a TrainConfig, e.g. the UFM)."""
+    code without a TrainConfig, e.g. the UFM); the loss is not a head field (:attr:`loss`)."""
     names = {"normalise_features": "normalise"}
     return {"forward_only": self.forward_only,
-            **{names.get(k, k): v for k, v in self.options}}
+            **{names.get(k, k): v for k, v in self.options if k != "loss"}}
 
 
-# The one table of methods: the paper's three heads and its two ablations.
+# The one table of methods: the paper's three heads, its two ablations, and the fixed ETF
+# trained with the dot-regression loss (Yang et al., NeurIPS 2022), the fixed-classifier
+# baseline for class-imbalanced data. Its τ is 1: the loss ½(z_y − 1)² then asks for
+# cos(h, w_y) = 1 (Yang et al.'s target with unit features and rows); with the paper's
+# τ = 5 it would ask for a cosine of 0.2.
 METHOD_VARIANTS = types.MappingProxyType({
     "standard": MethodVariant("standard", False, "tab:blue"),
     "fixed": MethodVariant("fixed", False, "tab:orange"),
@@ -70,6 +80,8 @@ METHOD_VARIANTS = types.MappingProxyType({
     "standard-nonorm": MethodVariant("standard", False, "tab:purple",
                                      (("normalise_features", False),
                                       ("renormalise_rows", False))),
+    "fixed-dotreg": MethodVariant("fixed", False, "tab:brown",
+                                  (("loss", "dot_regression"), ("tau", 1.0))),
 })
 METHODS = tuple(METHOD_VARIANTS)
 

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from nc_jax import train
+from nc_jax import heads, train
 from nc_jax.config import TrainConfig
 
 
@@ -78,3 +78,41 @@ def test_width_and_augment():
   assert cfg.data_spec(True) == info.train_spec and cfg.data_spec(False) == info.eval_spec
   plain = TrainConfig(augment=False)
   assert plain.data_spec(True) == info.eval_spec != info.train_spec
+
+
+def test_method_variants_set_their_fields_and_the_ufm_keeps_cross_entropy():
+  """Each method of the one table sets its head and options; the dot-regression baseline
+  trains the fixed ETF at τ = 1 with ½(z_y − 1)², and the UFM (cross-entropy only) refuses it."""
+  from experiments import cli, ufm
+  from nc_jax.config import METHOD_VARIANTS
+  base = TrainConfig(dataset="synthetic", source="synthetic", model="mlp", batch_size=16)
+  cfg = cli.config_for(base, "fixed-dotreg", 3).validate()
+  assert (cfg.head, cfg.loss, cfg.tau, cfg.seed, cfg.forward_only) == (
+      "fixed", "dot_regression", 1.0, 3, False)
+  assert cli.config_for(base, "fixed", 3).loss == "cross_entropy"
+  assert METHOD_VARIANTS["fixed-dotreg"].loss == "dot_regression"
+  assert METHOD_VARIANTS["standard-nonorm"].head_options() == {
+      "forward_only": False, "normalise": False, "renormalise_rows": False}
+  assert "fixed-dotreg" not in ufm.METHODS and "standard-nonorm" in ufm.METHODS
+  with pytest.raises(SystemExit):
+    ufm.config_from_args(["--methods", "fixed,fixed-dotreg"])
+  # Its train step's loss is ½ mean((z_y − 1)²) of the fixed head's logits at τ = 1.
+  model, tx = cfg.backbone(), cfg.optimizer_transform(steps_per_epoch=10)
+  images = jax.random.normal(jax.random.PRNGKey(1), (16, 8, 8, 3), jnp.float32)
+  labels = jnp.arange(16) % 10
+  d = model.apply(model.init(jax.random.PRNGKey(0), images, train=False), images,
+                  train=False).shape[-1]
+  head = cfg.head_config(10, d)
+  assert head.kind == "fixed" and head.tau == 1.0
+  state = train.create_train_state(model, tx, head, jax.random.PRNGKey(0), images,
+                                   init_params=cfg.init_params())
+  h = heads.head_features(head, model.apply({"params": state.params["backbone"]}, images,
+                                            train=True))
+  assert jnp.allclose(jnp.linalg.norm(h, axis=1), 1.0, rtol=1e-5)   # τ = 1: unit features
+  logits, _ = heads.train_logits(head, state.params["head"], state.head, h, labels)
+  expected = 0.5 * jnp.mean((logits[jnp.arange(16), labels] - 1.0) ** 2)
+  _, metrics = train.train_step(state, images, labels, model=model, tx=tx, head_config=head,
+                                loss=cfg.loss)
+  assert jnp.allclose(metrics["loss_sum"] / metrics["count"], expected, rtol=1e-5)
+  _, ce = train.train_step(state, images, labels, model=model, tx=tx, head_config=head)
+  assert not jnp.allclose(ce["loss_sum"], metrics["loss_sum"])

@@ -399,7 +399,11 @@ def test_comparison_pairs():
   assert report.comparison_pairs(["implicit", "fixed"]) == [("implicit", "fixed")]
   assert report.comparison_pairs(["standard"]) == []
   assert report.BASELINE == "standard"
-  assert report.CLAIM_PAIRS == (("implicit", "fixed"), ("implicit", "implicit-fo"))
+  assert report.CLAIM_PAIRS == (("implicit", "fixed"), ("implicit", "implicit-fo"),
+                                ("implicit", "fixed-dotreg"))
+  assert report.comparison_pairs(["standard", "fixed", "implicit", "fixed-dotreg"]) == [
+      ("fixed", "standard"), ("implicit", "standard"), ("fixed-dotreg", "standard"),
+      ("implicit", "fixed"), ("implicit", "fixed-dotreg")]
 
 
 def test_time_to_censors_at_the_last_checked_epoch():

