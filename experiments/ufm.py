@@ -16,6 +16,9 @@ d ≥ K). The optimiser and step size are not in the paper: the default is Adam
 a mean loss; SGD (``--optimizer sgd --lr ...``) and feature weight decay
 (``--feature-decay``) are flags (see BUILD_NOTES.md).
 
+Checkpoints every ``--checkpoint-every`` iterations and on SIGINT/SIGTERM; the same command
+continues an interrupted run (same settings) from its newest intact checkpoint.
+
 Writes ``<out>/<method>/seed-<n>/{config.json, metrics.jsonl, margins.npy}``, a
 six-panel figure ``<out>/ufm.png`` (CE loss with its lower bound, average cosine
 margin, per-sample cosine margin at the end, NC1, NC3, WH-equinorm; methods
@@ -32,6 +35,7 @@ import argparse
 import dataclasses
 import os
 import pathlib
+import shutil
 import sys
 import time
 from typing import Sequence
@@ -43,7 +47,7 @@ import optax
 
 from experiments import run_folder
 from experiments.cli import parse_methods, parse_seeds
-from nc_jax import heads, metrics, train
+from nc_jax import checkpoint, heads, metrics, train
 from nc_jax.config import METHOD_VARIANTS
 from nc_jax.evaluate import nc_evaluate
 
@@ -74,6 +78,7 @@ class UFMConfig:
   feature_decay: float = 0.0
   tau: float = 5.0
   eval_every: int = 20
+  checkpoint_every: int = 200
   out: str = "runs/ufm"
   quiet: bool = False
   plot: bool = True
@@ -82,7 +87,7 @@ class UFMConfig:
 
 # Fields of UFMConfig that do not change what a run computes (the rest must match to reuse a
 # finished run).
-NOT_RUN_DEFINING = ("methods", "seeds", "out", "quiet", "plot", "overwrite")
+NOT_RUN_DEFINING = ("methods", "seeds", "out", "quiet", "plot", "overwrite", "checkpoint_every")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
                  help="feature norm τ (default: %(default)s)")
   p.add_argument("--eval-every", type=int, default=20,
                  help="NC metrics every N iterations (default: %(default)s)")
+  p.add_argument("--checkpoint-every", type=int, default=200,
+                 help="checkpoint every N iterations, 0: only when interrupted (default: "
+                      "%(default)s); SIGINT/SIGTERM checkpoint and stop, and an "
+                      "interrupted run continues from its newest checkpoint when the same "
+                      "command runs again")
   p.add_argument("--out", default="runs/ufm",
                  help="runs go to <out>/<method>/seed-<n> (default: %(default)s)")
   p.add_argument("--quiet", action="store_true", help="no per-interval progress lines")
@@ -136,12 +146,16 @@ def config_from_args(argv: Sequence[str] | None = None) -> UFMConfig:
       optimizer=args.optimizer,
       lr=args.lr if args.lr is not None else (0.01 if args.optimizer == "adam" else 100.0),
       momentum=args.momentum, feature_decay=args.feature_decay, tau=args.tau,
-      eval_every=args.eval_every, out=args.out, quiet=args.quiet, plot=not args.no_plot,
+      eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, out=args.out,
+      quiet=args.quiet, plot=not args.no_plot,
       overwrite=args.overwrite)
   for name in ("classes", "samples_per_class", "dim", "iterations", "eval_every"):
     if getattr(cfg, name) < 1:
       parser.error(f"--{name.replace('_', '-')}: expected a positive integer, got "
                    f"{getattr(cfg, name)}")
+  if cfg.checkpoint_every < 0:
+    parser.error(f"--checkpoint-every: expected a non-negative integer, got "
+                 f"{cfg.checkpoint_every}")
   if cfg.classes < 2:
     parser.error(f"--classes: expected K >= 2, got {cfg.classes}")
   if cfg.dim < cfg.classes and set(methods) - {"standard"}:
@@ -156,8 +170,20 @@ def config_from_args(argv: Sequence[str] | None = None) -> UFMConfig:
 # --------------------------------------------------------------------------- #
 
 
-def run_one(cfg: UFMConfig, method: str, seed: int, log=print) -> dict:
-  """Trains one method with one seed; returns ``{"history": [...], "margins": ndarray}``."""
+class Interrupted(RuntimeError):
+  """SIGINT/SIGTERM stopped a run; its state was checkpointed (the message says where)."""
+
+
+def run_one(cfg: UFMConfig, method: str, seed: int, log=print,
+            checkpointer: checkpoint.Checkpointer | None = None) -> dict:
+  """Trains one method with one seed; returns ``{"history": [...], "margins": ndarray}``.
+
+  With a ``checkpointer`` it continues from the newest intact checkpoint there (if any) and
+  saves every ``cfg.checkpoint_every`` iterations and when SIGINT/SIGTERM arrives (then
+  raises :class:`Interrupted`). A checkpoint holds the features, classifier, optimiser and
+  head states, the unconverged-solve count and the records so far, so a resumed run's
+  records equal the uninterrupted run's (bitwise on CPU), wall-clock seconds aside.
+  """
 
 
   k, n, d = cfg.classes, cfg.classes * cfg.samples_per_class, cfg.dim
@@ -178,6 +204,21 @@ def run_one(cfg: UFMConfig, method: str, seed: int, log=print) -> dict:
                          {"features": True, "head": jax.tree.map(lambda _: False, head_params)})
     tx = optax.chain(decay, tx)
   opt_state = tx.init(params)
+  unconverged = jnp.zeros((), jnp.float32)
+  history, start, seconds_before = [], 0, 0.0
+  if checkpointer is not None and checkpointer.has_checkpoint():
+    template = {"params": params, "opt_state": opt_state, "head_state": head_state,
+                "unconverged": unconverged}
+    restored, position = checkpointer.restore(template)
+    if position.get("iteration") != checkpointer.restored_step:
+      raise ValueError(f"{checkpointer.directory}: checkpoint {checkpointer.restored_step} "
+                       f"records iteration {position.get('iteration')!r}; delete the folder "
+                       f"or run with --overwrite")
+    params, opt_state = restored["params"], restored["opt_state"]
+    head_state, unconverged = restored["head_state"], restored["unconverged"]
+    history, start = position["records"], position["iteration"]
+    seconds_before = position["seconds"]
+    log(f"  {method:>11} seed {seed}: resuming at iteration {start}")
 
   @jax.jit
   def step(params, opt_state, head_state):
@@ -199,21 +240,42 @@ def run_one(cfg: UFMConfig, method: str, seed: int, log=print) -> dict:
     record.update({key: m[key] for key in metrics.METRIC_KEYS})
     return record, m["cosine_margins"]
 
-  history, t0 = [], time.perf_counter()
-  loss, unconverged = float("nan"), 0.0
-  for it in range(1, cfg.iterations + 1):
-    params, opt_state, head_state, loss, bad = step(params, opt_state, head_state)
-    unconverged = unconverged + bad  # on device; read with the metrics
-    if it == 1 or it % cfg.eval_every == 0 or it == cfg.iterations:
-      train.check_solves(unconverged)  # a failed matmul-only solve stops the run here
-      record, margins = evaluate(it, loss)
-      record["seconds"] = time.perf_counter() - t0
-      history.append(record)
-      if not cfg.quiet and (it == 1 or it % (cfg.eval_every * 25) == 0 or it == cfg.iterations):
-        eta = record["seconds"] / it * (cfg.iterations - it)
-        log(f"  {method:>11} seed {seed} it {it:5d}/{cfg.iterations}: loss "
-            f"{record['loss']:.4f} NC1 {record['nc1']:.2e} NC3 {record['nc3']:.3f} top1 "
-            f"{record['top1']:.1f}%  ({record['seconds']:.0f} s, ETA {eta:.0f} s)")
+  def save(it):
+    state = {"params": params, "opt_state": opt_state, "head_state": head_state,
+             "unconverged": unconverged}
+    checkpointer.save(it, state, {"iteration": it, "records": history,
+                                  "seconds": seconds_before + time.perf_counter() - t0})
+    checkpointer.wait()  # on disk before the run goes on (or the process exits)
+
+  t0 = time.perf_counter()
+  margins = None
+  with checkpoint.StopRequest() as stop:
+    for it in range(start + 1, cfg.iterations + 1):
+      params, opt_state, head_state, loss, bad = step(params, opt_state, head_state)
+      unconverged = unconverged + bad  # on device; read with the metrics
+      if it == 1 or it % cfg.eval_every == 0 or it == cfg.iterations:
+        train.check_solves(unconverged)  # a failed matmul-only solve stops the run here
+        record, margins = evaluate(it, loss)
+        record["seconds"] = seconds_before + time.perf_counter() - t0
+        history.append(record)
+        if not cfg.quiet and (it == 1 or it % (cfg.eval_every * 25) == 0
+                              or it == cfg.iterations):
+          eta = (record["seconds"] - seconds_before) / (it - start) * (cfg.iterations - it)
+          log(f"  {method:>11} seed {seed} it {it:5d}/{cfg.iterations}: loss "
+              f"{record['loss']:.4f} NC1 {record['nc1']:.2e} NC3 {record['nc3']:.3f} top1 "
+              f"{record['top1']:.1f}%  ({record['seconds']:.0f} s, ETA {eta:.0f} s)")
+      if it == cfg.iterations:
+        break  # finished: the caller saves the records
+      if stop.requested:
+        if checkpointer is None:
+          raise Interrupted(f"{method} seed {seed}: stopped ({stop.signal_name}) at iteration "
+                            f"{it}; not checkpointed")
+        save(it)
+        raise Interrupted(f"{method} seed {seed}: stopped ({stop.signal_name}) at iteration "
+                          f"{it}, checkpointed in {checkpointer.directory}; run the same "
+                          f"command again to continue")
+      if checkpointer is not None and cfg.checkpoint_every and it % cfg.checkpoint_every == 0:
+        save(it)
   return {"history": history, "margins": np.asarray(margins)}
 
 
@@ -243,6 +305,16 @@ def save_run(run: run_folder.RunFolder, config: dict, result: dict) -> None:
   run.mark_done({"iterations": config["iterations"]})
 
 
+def _check_config(run: run_folder.RunFolder, config: dict, what: str) -> None:
+  """Raises ValueError listing each difference between ``config`` and the saved one."""
+  saved = run_folder.read_json(run.config_path)
+  diff = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in config.items()
+          if saved.get(k) != v]
+  if diff:
+    raise ValueError(f"{run.path}: {what} with a different configuration ("
+                     + "; ".join(diff) + "); use --overwrite or another --out")
+
+
 def load_finished(run: run_folder.RunFolder, config: dict) -> dict | None:
   """A finished run's result if ``run`` finished with this ``config``, else ``None``.
 
@@ -251,13 +323,33 @@ def load_finished(run: run_folder.RunFolder, config: dict) -> dict | None:
   """
   if not run.done_path.exists():
     return None
-  saved = run_folder.read_json(run.config_path)
-  diff = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in config.items()
-          if saved.get(k) != v]
-  if diff:
-    raise ValueError(f"{run.path}: finished with a different configuration ("
-                     + "; ".join(diff) + "); use --overwrite or another --out")
+  _check_config(run, config, "finished")
   return {"history": run.read_records(), "margins": np.load(run.margins_path)}
+
+
+def prepare_unfinished(run: run_folder.RunFolder, config: dict, overwrite: bool
+                       ) -> checkpoint.Checkpointer:
+  """Readies an unfinished run's folder and returns its checkpointer.
+
+  A run with checkpoints continues only with the configuration it started with (its
+  ``config.json``, written before the first iteration); ``overwrite`` discards them.
+
+  Raises:
+    ValueError: checkpoints of another configuration, or without a ``config.json``.
+  """
+  if run.done_path.exists():
+    run.done_path.unlink()  # being redone: not finished until saved again
+  if overwrite and run.checkpoint_dir.exists():
+    shutil.rmtree(run.checkpoint_dir)
+  if checkpoint.has_checkpoint(run.checkpoint_dir):
+    if not run.config_path.exists():
+      raise ValueError(f"{run.path}: has checkpoints but no config.json to check the "
+                       f"configuration against; use --overwrite")
+    _check_config(run, config, "was checkpointed")
+  else:
+    run.path.mkdir(parents=True, exist_ok=True)
+    run_folder.write_json(run.config_path, config)
+  return checkpoint.Checkpointer(run.checkpoint_dir, keep=2)
 
 
 def first_iteration(history: list[dict], key: str, predicate) -> int | None:
@@ -364,10 +456,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[dict]]:
         else:
           if not cfg.quiet:
             print(f"{method} seed {seed}:", flush=True)
-          if run.done_path.exists():
-            run.done_path.unlink()  # being redone: not finished until saved again
-          result = run_one(cfg, method, seed, log=lambda s: print(s, flush=True))
+          ckpt = prepare_unfinished(run, config, cfg.overwrite)
+          try:
+            result = run_one(cfg, method, seed, log=lambda s: print(s, flush=True),
+                             checkpointer=ckpt)
+          finally:
+            ckpt.close()
           save_run(run, config, result)
+          shutil.rmtree(run.checkpoint_dir, ignore_errors=True)  # finished: records suffice
       results.setdefault(method, []).append(result)
   print(summary(cfg, results))
   if cfg.plot:
@@ -378,5 +474,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[dict]]:
   return results
 
 
+def cli(argv: Sequence[str] | None = None) -> None:
+  """``python -m experiments.ufm``: an interrupted run or a bad folder is a message, not a
+  traceback (exit status 130 after SIGINT/SIGTERM, 2 otherwise)."""
+  try:
+    main(argv)
+  except Interrupted as err:
+    print(err, file=sys.stderr, flush=True)
+    sys.exit(130)
+  except (ValueError, train.TrainingFault, OSError) as err:
+    print(f"error: {err}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  cli(sys.argv[1:])

@@ -1,11 +1,19 @@
 """The UFM experiment (the default job): a shortened run produces its records, figure and summary."""
 
 import json
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 
 from experiments import ufm
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_short_run_writes_records_figure_and_summary(tmp_path, capsys):
@@ -94,3 +102,119 @@ def test_every_flag_has_a_help_text():
   for action in parser._actions:
     assert action.help and action.help.strip(), action.dest
     assert action.help.count("(default:") <= 1, action.help
+
+
+# --------------------------------------------------------------------------- #
+# Interrupted runs: killed for real, then continued by the same command
+# --------------------------------------------------------------------------- #
+
+RESUME_ARGV = ["--iterations", "240", "--eval-every", "10", "--checkpoint-every", "20",
+               "--seeds", "1", "--methods", "implicit", "--no-plot", "--quiet"]
+
+
+def _ufm_process(out, *extra):
+  return subprocess.Popen([sys.executable, "-m", "experiments.ufm", *RESUME_ARGV, "--out",
+                           str(out), *extra], cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def _records(out):
+  rows = [json.loads(line) for line in
+          (out / "implicit" / "seed-1" / "metrics.jsonl").read_text().splitlines()]
+  for row in rows:
+    row.pop("seconds")  # wall clock: the only field an interruption may change
+  return rows
+
+
+def _wait_for_checkpoint(folder, proc, at_least=1):
+  """Polls until ``folder`` holds ``at_least`` finished checkpoints (Orbax's temporary
+  folders excluded) or the process exits."""
+  deadline = time.monotonic() + 120
+  while time.monotonic() < deadline and proc.poll() is None:
+    if folder.exists() and len([p for p in folder.iterdir() if p.name.isdigit()]) >= at_least:
+      return
+    time.sleep(0.05)
+  raise AssertionError(f"no checkpoint in {folder} (process exit status {proc.poll()})")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  out = tmp_path_factory.mktemp("ufm-whole")
+  proc = _ufm_process(out)
+  assert proc.wait(timeout=300) == 0, proc.stderr.read()
+  return out
+
+
+@pytest.mark.parametrize("kill_after", [1, 3])
+def test_sigkill_then_the_same_command_continues_to_identical_records(
+    tmp_path, uninterrupted, kill_after):
+  """SIGKILL (no chance to save) after the 1st or 3rd checkpoint: the same command resumes
+  from the newest checkpoint and the records and margins equal the uninterrupted run's;
+  the finished run keeps no checkpoints."""
+  out = tmp_path / "ufm"
+  folder = out / "implicit" / "seed-1"
+  proc = _ufm_process(out)
+  _wait_for_checkpoint(folder / "checkpoints", proc, at_least=min(kill_after, 2))
+  if kill_after == 3:
+    while proc.poll() is None and not (folder / "checkpoints" / "60").exists():
+      time.sleep(0.05)
+  proc.kill()
+  proc.wait(timeout=60)
+  assert not (folder / "done.json").exists()
+  again = _ufm_process(out)
+  stdout, stderr = again.communicate(timeout=300)
+  assert again.returncode == 0, stderr
+  assert "resuming at iteration" in stdout
+  assert _records(out) == _records(uninterrupted)
+  np.testing.assert_array_equal(np.load(folder / "margins.npy"),
+                                np.load(uninterrupted / "implicit" / "seed-1" / "margins.npy"))
+  assert not (folder / "checkpoints").exists()
+
+
+def test_sigterm_checkpoints_and_stops_then_changed_settings_are_refused(tmp_path,
+                                                                          uninterrupted):
+  """SIGTERM: a checkpoint at the iteration reached, exit status 130 and a message. Resuming
+  with another setting that changes the run is refused (the setting named); --overwrite
+  starts again; the same command continues to the uninterrupted records."""
+  out = tmp_path / "ufm"
+  folder = out / "implicit" / "seed-1"
+  proc = _ufm_process(out)
+  _wait_for_checkpoint(folder / "checkpoints", proc)
+  proc.send_signal(signal.SIGTERM)
+  _, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 130, stderr
+  assert re.search(r"implicit seed 1: stopped \(SIGTERM\) at iteration \d+, checkpointed", stderr)
+  steps = sorted(int(p.name) for p in (folder / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps and f"iteration {steps[-1]}," in stderr
+  changed = _ufm_process(out, "--lr", "0.02")
+  _, stderr = changed.communicate(timeout=120)
+  assert changed.returncode == 2
+  assert "was checkpointed with a different configuration (lr: saved 0.01, now 0.02)" in stderr
+  assert "Traceback" not in stderr
+  again = _ufm_process(out)
+  stdout, stderr = again.communicate(timeout=300)
+  assert again.returncode == 0, stderr
+  assert f"resuming at iteration {steps[-1]}" in stdout
+  assert _records(out) == _records(uninterrupted)
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, uninterrupted):
+  """The two newest checkpoints are kept: a damaged newest one (a data file truncated) is
+  skipped with a warning, and the run continues from the older one to the same records."""
+  out = tmp_path / "ufm"
+  folder = out / "implicit" / "seed-1"
+  proc = _ufm_process(out)
+  _wait_for_checkpoint(folder / "checkpoints", proc, at_least=2)
+  proc.kill()
+  proc.wait(timeout=60)
+  steps = sorted(int(p.name) for p in (folder / "checkpoints").iterdir() if p.name.isdigit())
+  assert len(steps) == 2
+  newest = folder / "checkpoints" / str(steps[-1]) / "state"
+  data = max((p for p in newest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+  data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+  again = _ufm_process(out)
+  stdout, stderr = again.communicate(timeout=300)
+  assert again.returncode == 0, stderr
+  assert f"resuming at iteration {steps[0]}" in stdout
+  assert f"skipped damaged newer ones: step {steps[-1]}" in stderr
+  assert _records(out) == _records(uninterrupted)
