@@ -22,7 +22,11 @@ continues an interrupted run (same settings) from its newest intact checkpoint.
 Writes ``<out>/<method>/seed-<n>/{config.json, metrics.jsonl, margins.npy}``, a
 six-panel figure ``<out>/ufm.png`` (CE loss with its lower bound, average cosine
 margin, per-sample cosine margin at the end, NC1, NC3, WH-equinorm; methods
-overlaid) and prints a summary.
+overlaid) and prints a summary: iterations to 100 % accuracy and NC1 thresholds and the
+final metrics, medians over seeds, and with several seeds the tests between methods of the
+image report (exact permutation tests on Gehan scores, "not reached" censored;
+Brown–Forsythe for spread; Holm), also written to ``<out>/summary.md`` and
+``<out>/tests.csv``.
 
 Run: ``python -m experiments.ufm`` (3 methods × 5 seeds, about three minutes on 2 CPU
 cores), or e.g.
@@ -32,20 +36,21 @@ cores), or e.g.
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import os
 import pathlib
 import shutil
 import sys
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import run_folder
+from experiments import report, run_folder, significance
 from experiments.cli import parse_methods, parse_seeds
 from nc_jax import checkpoint, heads, metrics, train
 from nc_jax.config import METHOD_VARIANTS
@@ -392,6 +397,115 @@ def summary(cfg: UFMConfig, results: dict[str, list[dict]]) -> str:
   return "\n".join(lines)
 
 
+#: The final metrics tested between methods (lower is better for all but the margin).
+TESTED_FINALS = ("loss", "nc1", "nc3", "wh_equinorm", "avg_cosine_margin")
+
+
+def tested_quantities() -> list[tuple[str, str, Callable[[list[dict]], tuple[float, bool]]]]:
+  """``(name, label, value)`` of the quantities tested between methods; ``value(history)``
+  gives ``(value, censored)``: iterations to a criterion (censored at the last recorded
+  iteration when never reached) or a final metric (never censored)."""
+  def reach(key, predicate):
+    def value(history):
+      it = first_iteration(history, key, predicate)
+      return (float(history[-1]["iteration"]), True) if it is None else (float(it), False)
+    return value
+  out = [("iterations_to_top1_100", "iterations to train top-1 = 100 %",
+          reach("top1", lambda v: v >= 100.0))]
+  out += [(f"iterations_to_nc1_below_{t:.0e}", f"iterations to NC1 < {t:g}",
+           reach("nc1", lambda v, t=t: v < t)) for t in NC1_THRESHOLDS]
+  out += [(f"final_{k}", f"final {k}", lambda h, k=k: (float(h[-1][k]), False))
+          for k in TESTED_FINALS]
+  return out
+
+
+def comparison_rows(results: dict[str, list[dict]]) -> list[dict]:
+  """Tests between methods across seeds, as the image report makes them
+  (:mod:`experiments.significance`): for each quantity of :func:`tested_quantities` and each
+  pair of :func:`experiments.report.comparison_pairs`, the exact two-sided permutation test
+  on Gehan scores (censored Mann–Whitney; ``test = "location"``) and the Brown–Forsythe spread
+  test on the uncensored values (``"spread"``, at least two per method), with Holm's
+  correction over the pairs tested on the same quantity.
+
+  Returns:
+    rows ``{quantity, test, method, vs, n, n_vs, censored, censored_vs, direction, p,
+    p_min, p_holm}``; ``p`` is ``None`` where a group is too small.
+  """
+  pairs = report.comparison_pairs(results)
+  rows = []
+  for name, _, value in tested_quantities():
+    samples = {m: [value(r["history"]) for r in runs] for m, runs in results.items()}
+    for test in ("location", "spread"):
+      family = []
+      for a, b in pairs:
+        (xa, ca), (xb, cb) = (tuple(zip(*samples[m])) if samples[m] else ((), ())
+                              for m in (a, b))
+        row = dict(quantity=name, test=test, method=a, vs=b, censored=sum(ca),
+                   censored_vs=sum(cb), direction=None, p=None, p_min=None)
+        if test == "location":
+          row.update(n=len(xa), n_vs=len(xb))
+          result = significance.location_test(xa, xb, ca, cb) if xa and xb else None
+        else:
+          ya = [v for v, c in zip(xa, ca) if not c]
+          yb = [v for v, c in zip(xb, cb) if not c]
+          row.update(n=len(ya), n_vs=len(yb))
+          result = (significance.spread_test(ya, yb) if len(ya) >= 2 and len(yb) >= 2
+                    else None)
+        if result is not None:
+          row.update(direction=result.direction, p=result.p, p_min=result.p_min)
+        family.append(row)
+      for row, adjusted in zip(family, significance.holm([r["p"] for r in family])):
+        row["p_holm"] = adjusted
+      rows += family
+  return rows
+
+
+def tests_markdown(rows: list[dict]) -> str:
+  """The location and spread tables of :func:`comparison_rows` in Markdown: a cell is the
+  uncorrected p, the direction (``<``: the first method lower, e.g. fewer iterations) and
+  ``*`` if Holm's p < 0.05, else ``n.s.``; the first row gives the seeds and the smallest
+  attainable p."""
+  pairs = list(dict.fromkeys((r["method"], r["vs"]) for r in rows))
+  labels = {name: label for name, label, _ in tested_quantities()}
+  lines = []
+  for test, title in (("location", "Location (exact permutation test on Gehan scores, "
+                                   "i.e. censored Mann–Whitney; two-sided)"),
+                      ("spread", "Spread (Brown–Forsythe, permutation p)")):
+    found = {(r["quantity"], r["method"], r["vs"]): r for r in rows if r["test"] == test}
+    first = [found[(next(iter(labels)), a, b)] for a, b in pairs]
+    lines += ["", f"{title}:", "",
+              "| quantity | " + " | ".join(f"{a} vs {b}" for a, b in pairs) + " |",
+              "|---" * (len(pairs) + 1) + "|",
+              "| seeds; smallest p | " + " | ".join(
+                  f"{r['n']} v {r['n_vs']}; {significance.smallest_p(r['n'], r['n_vs']):.2g}"
+                  if r["n"] and r["n_vs"] else "–" for r in first) + " |"]
+    for name, label in labels.items():
+      cells = []
+      for a, b in pairs:
+        r = found[(name, a, b)]
+        if r["p"] is None:
+          cells.append("–")
+          continue
+        mark = "*" if r["p_holm"] < report.ALPHA else "n.s."
+        cells.append(f"{r['p']:.2g} {r['direction']} {mark}"
+                     + (f" ({r['censored']}/{r['censored_vs']} not reached)"
+                        if r["censored"] or r["censored_vs"] else ""))
+      lines.append(f"| {label} | " + " | ".join(cells) + " |")
+  return "\n".join(lines).lstrip("\n")
+
+
+def write_tests_csv(path: pathlib.Path, rows: list[dict]) -> None:
+  """The rows of :func:`comparison_rows` as CSV (written atomically)."""
+  columns = ("quantity", "test", "method", "vs", "n", "n_vs", "censored", "censored_vs",
+             "direction", "p", "p_min", "p_holm")
+  tmp = path.with_name(path.name + ".tmp")
+  with open(tmp, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows({k: r[k] for k in columns} for r in rows)
+  tmp.replace(path)
+
+
 def plot(cfg: UFMConfig, results: dict[str, list[dict]], path: pathlib.Path) -> None:
   """Six panels, methods overlaid (median over seeds, min–max band)."""
   import matplotlib  # the [experiments] extra: only needed to plot
@@ -465,7 +579,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[dict]]:
           save_run(run, config, result)
           shutil.rmtree(run.checkpoint_dir, ignore_errors=True)  # finished: records suffice
       results.setdefault(method, []).append(result)
-  print(summary(cfg, results))
+  text = summary(cfg, results)
+  if len(results) > 1 and any(len(runs) > 1 for runs in results.values()):
+    rows = comparison_rows(results)
+    text += "\n\nTests between methods across seeds:\n\n" + tests_markdown(rows)
+    write_tests_csv(pathlib.Path(cfg.out) / "tests.csv", rows)
+  print(text)
+  (pathlib.Path(cfg.out) / "summary.md").write_text(text + "\n")
   if cfg.plot:
     path = pathlib.Path(cfg.out) / "ufm.png"
     plot(cfg, results, path)

@@ -218,3 +218,47 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, unin
   assert f"resuming at iteration {steps[0]}" in stdout
   assert f"skipped damaged newer ones: step {steps[-1]}" in stderr
   assert _records(out) == _records(uninterrupted)
+
+
+def _history(reach_nc1_at, final_nc1, iterations=400, every=20):
+  """A UFM history whose NC1 drops below 1e-2 at ``reach_nc1_at`` (never if None)."""
+  rows = []
+  for it in [1] + list(range(every, iterations + 1, every)):
+    below = reach_nc1_at is not None and it >= reach_nc1_at
+    rows.append({"iteration": it, "top1": 100.0 if it >= 40 else 50.0,
+                 "nc1": final_nc1 if below else 0.5, "loss": 1.0 / it, "nc3": 0.1,
+                 "wh_equinorm": 0.01, "avg_cosine_margin": 1.0})
+  return {"history": rows}
+
+
+def test_tests_between_methods_have_known_answers(tmp_path):
+  """Fully separated 5 v 5 seeds give the smallest p, 2/C(10, 5) = 0.0079, significant
+  after Holm; identical groups p = 1; a method that never reaches a criterion is censored
+  (and still separated); the tables and the CSV carry them."""
+  results = {
+      "standard": [_history(200 + 20 * i, 1e-3) for i in range(5)],
+      "implicit": [_history(100 + 20 * (i % 4), 1e-3) for i in range(5)],
+      "fixed": [_history(None, 0.5) for _ in range(5)],
+  }
+  rows = ufm.comparison_rows(results)
+  find = {(r["quantity"], r["test"], r["method"], r["vs"]): r for r in rows}
+  r = find[("iterations_to_nc1_below_1e-02", "location", "implicit", "standard")]
+  assert (r["n"], r["n_vs"], r["direction"]) == (5, 5, "<")
+  assert r["p"] == pytest.approx(2 / 252) and r["p_holm"] < 0.05
+  r = find[("iterations_to_nc1_below_1e-02", "location", "fixed", "standard")]
+  assert (r["censored"], r["censored_vs"], r["direction"]) == (5, 0, ">")
+  assert r["p"] == pytest.approx(2 / 252)
+  r = find[("iterations_to_nc1_below_1e-02", "spread", "fixed", "standard")]
+  assert r["p"] is None and r["n"] == 0          # censored values have no spread
+  r = find[("iterations_to_top1_100", "location", "implicit", "standard")]
+  assert r["p"] == 1.0 and r["direction"] == "="
+  assert {(r["method"], r["vs"]) for r in rows} == {
+      ("fixed", "standard"), ("implicit", "standard"), ("implicit", "fixed")}
+  text = ufm.tests_markdown(rows)
+  assert "| quantity | implicit vs standard | fixed vs standard | implicit vs fixed |" in text
+  assert "| seeds; smallest p | 5 v 5; 0.0079 | 5 v 5; 0.0079 | 5 v 5; 0.0079 |" in text
+  assert ("| iterations to NC1 < 0.01 | 0.0079 < * | 0.0079 > * (5/0 not reached) | "
+          "0.0079 < * (0/5 not reached) |") in text
+  path = tmp_path / "tests.csv"
+  ufm.write_tests_csv(path, rows)
+  assert len(path.read_text().splitlines()) == len(rows) + 1
