@@ -108,7 +108,7 @@ def test_every_flag_has_a_help_text():
 # Interrupted runs: killed for real, then continued by the same command
 # --------------------------------------------------------------------------- #
 
-RESUME_ARGV = ["--iterations", "240", "--eval-every", "10", "--checkpoint-every", "20",
+RESUME_ARGV = ["--iterations", "160", "--eval-every", "20", "--checkpoint-every", "20",
                "--seeds", "1", "--methods", "implicit", "--no-plot", "--quiet"]
 
 
