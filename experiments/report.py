@@ -418,45 +418,74 @@ def _sample(rs: Sequence[Run], metric: str, split: str) -> tuple[list[float], li
   return values, [False] * len(values)
 
 
+#: The ``test`` names of the two tests (the rows of tables ``test_location`` / ``test_spread``).
+LOCATION_TEST = "permutation, Gehan scores (Mann-Whitney), two-sided"
+SPREAD_TEST = "Brown-Forsythe, permutation of the deviations"
+
+
+def pair_tests(samples: dict[str, tuple[Sequence[float], Sequence[bool]]],
+               pairs: Sequence[tuple[str, str]]) -> dict[str, list[dict]]:
+  """The tests of one quantity between pairs of methods across seeds.
+
+  Location: the exact two-sided permutation test on Gehan scores
+  (:func:`experiments.significance.location_test`; the Mann–Whitney test, with censored
+  values tied above everything at or before them). Spread: the Brown–Forsythe test
+  (:func:`experiments.significance.spread_test`) on the uncensored values only, at least two
+  per method. Holm's correction (:func:`experiments.significance.holm`) is over the pairs of
+  each test, i.e. the comparisons made on this quantity.
+
+  Args:
+    samples: per method, its seeds' values and their censoring flags (``True``: the value
+      is a lower bound, e.g. the last epoch checked for a criterion never met).
+    pairs: the ``(method, vs)`` pairs to test, e.g. :func:`comparison_pairs`.
+
+  Returns:
+    ``{"test_location": rows, "test_spread": rows}``, one row per pair, in order, with keys
+    ``method``, ``n`` and the :data:`TEST_COLUMNS`; ``n``/``n_vs`` are the seeds tested,
+    ``censored``/``censored_vs`` the censored ones of all seeds; ``test``, ``statistic``,
+    ``direction``, ``p``, ``p_min``, ``p_approx`` and ``p_holm`` are ``None`` where a group is
+    too small (location: no value; spread: fewer than two uncensored values).
+  """
+  out: dict[str, list[dict]] = {"test_location": [], "test_spread": []}
+  for a, b in pairs:
+    (xa, ca), (xb, cb) = (tuple(map(list, samples[m])) for m in (a, b))
+    base = dict.fromkeys(TEST_COLUMNS)
+    base.update(method=a, vs=b, censored=sum(ca), censored_vs=sum(cb))
+    location, spread = dict(base, n=len(xa), n_vs=len(xb)), dict(base)
+    results = [(location, LOCATION_TEST,
+                significance.location_test(xa, xb, ca, cb) if xa and xb else None)]
+    ya = [v for v, c in zip(xa, ca) if not c]
+    yb = [v for v, c in zip(xb, cb) if not c]
+    spread.update(n=len(ya), n_vs=len(yb))
+    results.append((spread, SPREAD_TEST, significance.spread_test(ya, yb)
+                    if len(ya) >= 2 and len(yb) >= 2 else None))
+    for row, name, result in results:
+      if result is not None:
+        row.update(test=name if result.exact else f"{name} (Monte Carlo)",
+                   statistic=result.statistic, direction=result.direction, p=result.p,
+                   p_min=result.p_min, p_approx=result.p_approx)
+    out["test_location"].append(location)
+    out["test_spread"].append(spread)
+  for family in out.values():
+    for row, adjusted in zip(family, significance.holm([r["p"] for r in family])):
+      row["p_holm"] = adjusted
+  return out
+
+
 def comparison_rows(runs: dict[str, list[Run]]) -> list[dict]:
   """The tests' rows (tables ``test_location``, ``test_spread``; see the module docstring).
 
   One row per (test, quantity of :func:`tested_quantities`, pair of
-  :func:`comparison_pairs`), ``p`` ``None`` when a group is too small (location:
-  no value; spread: fewer than two uncensored values). ``p_holm``: Holm over the
-  pairs tested on the same quantity.
+  :func:`comparison_pairs`), made by :func:`pair_tests`: ``p`` ``None`` when a group is too
+  small; ``p_holm``: Holm over the pairs tested on the same quantity.
   """
   pairs = comparison_pairs(runs)
   rows: list[dict] = []
   for _, metric, split, _ in tested_quantities():
     samples = {m: _sample(runs[m], metric, split) for pair in pairs for m in pair}
-    for table in ("test_location", "test_spread"):
-      family = []
-      for a, b in pairs:
-        (xa, ca), (xb, cb) = samples[a], samples[b]
-        row = _row(table, a, metric, split, "", [], len(runs[a]))
-        row.update(vs=b, censored=sum(ca), censored_vs=sum(cb))
-        result = None
-        if table == "test_location":
-          row.update(n=len(xa), n_vs=len(xb))
-          if xa and xb:
-            result = significance.location_test(xa, xb, ca, cb)
-            name = "permutation, Gehan scores (Mann-Whitney), two-sided"
-        else:
-          ya = [v for v, c in zip(xa, ca) if not c]
-          yb = [v for v, c in zip(xb, cb) if not c]
-          row.update(n=len(ya), n_vs=len(yb))
-          if len(ya) >= 2 and len(yb) >= 2:
-            result = significance.spread_test(ya, yb)
-            name = "Brown-Forsythe, permutation of the deviations"
-        if result is not None:
-          row.update(test=name if result.exact else f"{name} (Monte Carlo)",
-                     statistic=result.statistic, direction=result.direction, p=result.p,
-                     p_min=result.p_min, p_approx=result.p_approx)
-        family.append(row)
-      for row, adjusted in zip(family, significance.holm([r["p"] for r in family])):
-        row["p_holm"] = adjusted
-      rows += family
+    for table, tested in pair_tests(samples, pairs).items():
+      rows += [{**_row(table, t["method"], metric, split, "", [], len(runs[t["method"]])), **t}
+               for t in tested]
   return rows
 
 
@@ -534,24 +563,32 @@ def _fmt_p(p: float) -> str:
 
 def _test_cell(row: dict, header: tuple[int, int]) -> str:
   """``"0.0079 < *"``: uncorrected p, direction, ``*`` (Holm-adjusted p < ALPHA) or ``n.s.``;
-  the seeds ``(n1 v n2)`` when fewer than in the table's first row."""
+  the seeds ``(n1 v n2)`` when fewer than in the table's first row; for a location test with
+  censored values, ``(c1/c2 not reached)``."""
   if row["p"] is None:
     return "–"
   mark = "*" if row["p_holm"] < ALPHA else "n.s."
   seeds = "" if (row["n"], row["n_vs"]) == header else f" ({row['n']} v {row['n_vs']})"
-  return f"{_fmt_p(row['p'])} {row['direction']} {mark}{seeds}"
+  censored = ""
+  if row["table"] == "test_location" and (row["censored"] or row["censored_vs"]):
+    censored = f" ({row['censored']}/{row['censored_vs']} not reached)"
+  return f"{_fmt_p(row['p'])} {row['direction']} {mark}{seeds}{censored}"
 
 
-def _tests_table(rows: list[dict], table: str, family: str) -> list[str]:
-  """A tests table: a row per quantity of ``family``, a column per pair; first row the seeds
-  and the smallest attainable p per pair (the smallest ``p_min`` of its tests)."""
-  quantities = [(m, s, label) for f, m, s, label in tested_quantities() if f == family]
+def tests_table(rows: list[dict], table: str,
+                quantities: Sequence[tuple[str, str, str]]) -> list[str]:
+  """A Markdown tests table: a row per ``(metric, split, label)`` of ``quantities``, a column
+  per pair of ``rows`` (those of ``table``, ``"test_location"``/``"test_spread"``, as
+  :func:`pair_tests` makes them, with ``table``, ``metric`` and ``split``); first row the
+  seeds and the smallest attainable p per pair (the smallest ``p_min`` of its tests). A
+  quantity with no test made (every cell ``–``) is left out."""
   found = {(r["method"], r["vs"], r["metric"], r["split"]): r for r in rows
            if r["table"] == table}
   pairs = list(dict.fromkeys((r["method"], r["vs"]) for r in rows if r["table"] == table))
   headers, first = [], ["seeds; smallest p"]
   for a, b in pairs:
-    tested = [r for r in (found[(a, b, m, s)] for m, s, _ in quantities) if r["p"] is not None]
+    tested = [r for r in (found.get((a, b, m, s)) for m, s, _ in quantities)
+              if r is not None and r["p"] is not None]
     header = ((max(r["n"] for r in tested), max(r["n_vs"] for r in tested)) if tested
               else (0, 0))
     headers.append(header)
@@ -581,24 +618,28 @@ def _tests_section(rows: list[dict], family: str) -> list[str]:
                  "non-reaching runs (Gehan; with a common epoch budget: \"not reached\" = +∞); "
                  "exact if censoring does not depend on the method.")
     spread_runs = " Only the runs that reached the criterion (at least 2 per method)."
+    not_reached = " (c1/c2 not reached): seeds of each method that never met the criterion."
   else:
     what = "final metrics (finished runs, as in the table above)"
     direction = "the first method's values tend lower / higher"
     censoring = ""
     spread_runs = ""
+    not_reached = ""
+  quantities = [(m, s, label) for f, m, s, label in tested_quantities() if f == family]
   return [
       "", f"### Tests between methods: {what}", "", "Location:", "",
-      *_tests_table(rows, "test_location", family),
+      *tests_table(rows, "test_location", quantities),
       "", "Two-sided exact permutation test over all C(n1+n2, n1) relabellings of the two "
       "methods' seeds, on Gehan scores (the Mann–Whitney rank-sum test, ties at mid-ranks)."
       f"{censoring} Cell: uncorrected p; < / >: {direction} (=: same ranks); * if p < "
       f"{ALPHA:g} after Holm's correction over the row's comparisons, else n.s.; (n1 v n2): "
-      "seeds tested, when fewer than in the first row. First row: seeds per method and the "
+      f"seeds tested, when fewer than in the first row.{not_reached} First row: seeds per "
+      "method and the "
       "smallest attainable p (2/C(n1+n2, n1) without ties: 0.0079 for 5 v 5, 0.1 for 3 v 3, "
       "where nothing can be significant and n.s. is no evidence of no effect). Per test in "
       "report.csv: p, Holm-adjusted p_holm, floor p_min. Rows no run recorded are left out.",
       "", "Spread:", "",
-      *_tests_table(rows, "test_spread", family),
+      *tests_table(rows, "test_spread", quantities),
       "", "Brown–Forsythe test of equal spread (Levene's W on absolute deviations from each "
       "method's median, as scipy.stats.levene(center=\"median\")), p by exact permutation of "
       "the pooled deviations (the F(1, N−2) p-value, which assumes normal deviations, is "

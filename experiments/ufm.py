@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import report, run_folder, significance
+from experiments import report, run_folder
 from experiments.cli import parse_methods, parse_seeds
 from nc_jax import checkpoint, heads, metrics, train
 from nc_jax.config import METHOD_VARIANTS
@@ -420,89 +420,55 @@ def tested_quantities() -> list[tuple[str, str, Callable[[list[dict]], tuple[flo
 
 
 def comparison_rows(results: dict[str, list[dict]]) -> list[dict]:
-  """Tests between methods across seeds, as the image report makes them
-  (:mod:`experiments.significance`): for each quantity of :func:`tested_quantities` and each
-  pair of :func:`experiments.report.comparison_pairs`, the exact two-sided permutation test
-  on Gehan scores (censored Mann–Whitney; ``test = "location"``) and the Brown–Forsythe spread
-  test on the uncensored values (``"spread"``, at least two per method), with Holm's
-  correction over the pairs tested on the same quantity.
+  """Tests between methods across seeds, made as the image report makes them
+  (:func:`experiments.report.pair_tests`): for each quantity of :func:`tested_quantities` and
+  each pair of :func:`experiments.report.comparison_pairs`, the exact two-sided permutation
+  test on Gehan scores (censored Mann–Whitney; table ``test_location``) and the
+  Brown–Forsythe spread test on the uncensored values (``test_spread``, at least two per
+  method), with Holm's correction over the pairs tested on the same quantity.
 
   Returns:
-    rows ``{quantity, test, method, vs, n, n_vs, censored, censored_vs, direction, p,
-    p_min, p_holm}``; ``p`` is ``None`` where a group is too small.
+    rows with the keys of :data:`TESTS_CSV_COLUMNS` (``metric``: the quantity's name;
+    ``split``: always ``"train"``, the UFM has no other); ``p`` is ``None`` where a group is
+    too small.
   """
   pairs = report.comparison_pairs(results)
   rows = []
   for name, _, value in tested_quantities():
-    samples = {m: [value(r["history"]) for r in runs] for m, runs in results.items()}
-    for test in ("location", "spread"):
-      family = []
-      for a, b in pairs:
-        (xa, ca), (xb, cb) = (tuple(zip(*samples[m])) if samples[m] else ((), ())
-                              for m in (a, b))
-        row = dict(quantity=name, test=test, method=a, vs=b, censored=sum(ca),
-                   censored_vs=sum(cb), direction=None, p=None, p_min=None)
-        if test == "location":
-          row.update(n=len(xa), n_vs=len(xb))
-          result = significance.location_test(xa, xb, ca, cb) if xa and xb else None
-        else:
-          ya = [v for v, c in zip(xa, ca) if not c]
-          yb = [v for v, c in zip(xb, cb) if not c]
-          row.update(n=len(ya), n_vs=len(yb))
-          result = (significance.spread_test(ya, yb) if len(ya) >= 2 and len(yb) >= 2
-                    else None)
-        if result is not None:
-          row.update(direction=result.direction, p=result.p, p_min=result.p_min)
-        family.append(row)
-      for row, adjusted in zip(family, significance.holm([r["p"] for r in family])):
-        row["p_holm"] = adjusted
-      rows += family
+    samples = {}
+    for method, runs in results.items():
+      pairs_of_run = [value(r["history"]) for r in runs]
+      samples[method] = ([v for v, _ in pairs_of_run], [c for _, c in pairs_of_run])
+    for table, tested in report.pair_tests(samples, pairs).items():
+      rows += [dict(table=table, metric=name, split="train", **t) for t in tested]
   return rows
 
 
 def tests_markdown(rows: list[dict]) -> str:
-  """The location and spread tables of :func:`comparison_rows` in Markdown: a cell is the
-  uncorrected p, the direction (``<``: the first method lower, e.g. fewer iterations) and
-  ``*`` if Holm's p < 0.05, else ``n.s.``; the first row gives the seeds and the smallest
-  attainable p."""
-  pairs = list(dict.fromkeys((r["method"], r["vs"]) for r in rows))
-  labels = {name: label for name, label, _ in tested_quantities()}
-  lines = []
-  for test, title in (("location", "Location (exact permutation test on Gehan scores, "
-                                   "i.e. censored Mann–Whitney; two-sided)"),
-                      ("spread", "Spread (Brown–Forsythe, permutation p)")):
-    found = {(r["quantity"], r["method"], r["vs"]): r for r in rows if r["test"] == test}
-    first = [found[(next(iter(labels)), a, b)] for a, b in pairs]
-    lines += ["", f"{title}:", "",
-              "| quantity | " + " | ".join(f"{a} vs {b}" for a, b in pairs) + " |",
-              "|---" * (len(pairs) + 1) + "|",
-              "| seeds; smallest p | " + " | ".join(
-                  f"{r['n']} v {r['n_vs']}; {significance.smallest_p(r['n'], r['n_vs']):.2g}"
-                  if r["n"] and r["n_vs"] else "–" for r in first) + " |"]
-    for name, label in labels.items():
-      cells = []
-      for a, b in pairs:
-        r = found[(name, a, b)]
-        if r["p"] is None:
-          cells.append("–")
-          continue
-        mark = "*" if r["p_holm"] < report.ALPHA else "n.s."
-        cells.append(f"{r['p']:.2g} {r['direction']} {mark}"
-                     + (f" ({r['censored']}/{r['censored_vs']} not reached)"
-                        if r["censored"] or r["censored_vs"] else ""))
-      lines.append(f"| {label} | " + " | ".join(cells) + " |")
-  return "\n".join(lines).lstrip("\n")
+  """The location and spread tables of :func:`comparison_rows` in Markdown, in the image
+  report's format (:func:`experiments.report.tests_table`): a cell is the uncorrected p, the
+  direction (``<``: the first method lower, e.g. fewer iterations) and ``*`` if Holm's p <
+  0.05, else ``n.s.``, then the seeds of each method that never reached a criterion; the
+  first row gives the seeds and the smallest attainable p."""
+  quantities = [(name, "train", label) for name, label, _ in tested_quantities()]
+  return "\n".join([
+      "Location (exact permutation test on Gehan scores, i.e. censored Mann–Whitney; "
+      "two-sided):", "", *report.tests_table(rows, "test_location", quantities), "",
+      "Spread (Brown–Forsythe, permutation p; the runs that reached a criterion):", "",
+      *report.tests_table(rows, "test_spread", quantities)])
+
+
+#: The columns of ``tests.csv``.
+TESTS_CSV_COLUMNS = ("table", "method", "metric", "split", "n") + report.TEST_COLUMNS
 
 
 def write_tests_csv(path: pathlib.Path, rows: list[dict]) -> None:
-  """The rows of :func:`comparison_rows` as CSV (written atomically)."""
-  columns = ("quantity", "test", "method", "vs", "n", "n_vs", "censored", "censored_vs",
-             "direction", "p", "p_min", "p_holm")
+  """The rows of :func:`comparison_rows` as CSV (written atomically; ``None``: empty cell)."""
   tmp = path.with_name(path.name + ".tmp")
   with open(tmp, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=columns)
+    writer = csv.DictWriter(f, fieldnames=TESTS_CSV_COLUMNS)
     writer.writeheader()
-    writer.writerows({k: r[k] for k in columns} for r in rows)
+    writer.writerows({k: r[k] for k in TESTS_CSV_COLUMNS} for r in rows)
   tmp.replace(path)
 
 

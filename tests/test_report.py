@@ -261,8 +261,9 @@ def test_main_writes_report_csv_and_figures(experiment, tmp_path, capsys):
                # {2, 2, 2} vs {-5, -3, 2}; |S| >= 6 in 8 of 20 relabellings. implicit {4, 5, 4+}
                # (seed 3 stopped at epoch 4: undecided against 5 and 6+) vs fixed: scores
                # {-5, -2, 1} vs {2, 2, 2}, only the observed split and its mirror: 2/20.
-               "| train top-1 ≥ 99.9 % (running mean) | 0.4 > n.s. | 1 < n.s. | 0.75 < n.s. | "
-               "0.1 < n.s. |"):
+               "| train top-1 ≥ 99.9 % (running mean) | 0.4 > n.s. (3/1 not reached) | "
+               "1 < n.s. (1/1 not reached) | 0.75 < n.s. (0/1 not reached) | "
+               "0.1 < n.s. (1/3 not reached) |"):
     assert text in md, text
   assert md.index("| standard |") < md.index("| fixed |") < md.index("| implicit |") < \
       md.index("| ablation |")
@@ -512,8 +513,8 @@ def test_cli_end_to_end_with_tests(tmp_path):
                "to each criterion", "| quantity | fixed vs standard | implicit vs standard | "
                "implicit-fo vs standard | implicit vs fixed | implicit vs implicit-fo |",
                "| seeds; smallest p | 5 v 5; 0.0079 |",
-               "| train top-1 = 100 % (running mean) | 0.0079 > * | 0.0079 < * | 1 = n.s. | "
-               "0.0079 < * | 0.0079 < * |",
+               "| train top-1 = 100 % (running mean) | 0.0079 > * (5/0 not reached) | "
+               "0.0079 < * | 1 = n.s. | 0.0079 < * (0/5 not reached) | 0.0079 < * |",
                "| fixed | train top-1 = 100 % (running mean) | 0/5 | – | – | "
                "not reached (5 of 5) |",
                "| standard | train top-1 = 100 % (running mean) | 5/5 | 9 [8, 11] | "

@@ -1,5 +1,6 @@
 """The UFM experiment (the default job): a shortened run produces its records, figure and summary."""
 
+import csv
 import json
 import pathlib
 import re
@@ -241,7 +242,8 @@ def test_tests_between_methods_have_known_answers(tmp_path):
       "fixed": [_history(None, 0.5) for _ in range(5)],
   }
   rows = ufm.comparison_rows(results)
-  find = {(r["quantity"], r["test"], r["method"], r["vs"]): r for r in rows}
+  find = {(r["metric"], r["table"].removeprefix("test_"), r["method"], r["vs"]): r
+          for r in rows}
   r = find[("iterations_to_nc1_below_1e-02", "location", "implicit", "standard")]
   assert (r["n"], r["n_vs"], r["direction"]) == (5, 5, "<")
   assert r["p"] == pytest.approx(2 / 252) and r["p_holm"] < 0.05
@@ -261,4 +263,9 @@ def test_tests_between_methods_have_known_answers(tmp_path):
           "0.0079 < * (0/5 not reached) |") in text
   path = tmp_path / "tests.csv"
   ufm.write_tests_csv(path, rows)
-  assert len(path.read_text().splitlines()) == len(rows) + 1
+  with open(path, newline="") as f:
+    table = list(csv.DictReader(f))
+  assert len(table) == len(rows) and list(table[0]) == list(ufm.TESTS_CSV_COLUMNS)
+  row = next(r for r in table if (r["table"], r["metric"], r["method"], r["vs"]) ==
+             ("test_location", "iterations_to_nc1_below_1e-02", "implicit", "standard"))
+  assert float(row["p"]) == pytest.approx(2 / 252) and row["direction"] == "<"
