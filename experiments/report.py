@@ -22,7 +22,9 @@ For each experiment folder it writes (into the folder itself, or ``--out``):
   (table, method, metric, split, epoch), then one row per test (below).
 * ``metrics.png``: metrics against epoch, methods overlaid (median over seeds,
   min–max band); ``margins.png``: the sorted per-sample cosine margin at the
-  end of training against normalised sample rank.
+  end of training against normalised sample rank; with runs on a class-imbalanced
+  training set (``--imbalance``), ``per_class.png``: test top-1 and train/test NC1 per
+  class (minority classes shaded), also as Markdown tables and ``per_class`` CSV rows.
 
 Tests between methods (:mod:`experiments.significance` has the details and the
 reasons). For each convergence criterion (epochs to it) and each final metric
@@ -91,6 +93,7 @@ import json
 import math
 import pathlib
 import sys
+import warnings
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
@@ -106,6 +109,11 @@ NC_KEYS = ("top1", "nc1", "nc2_etf", "nc2_equinorm_w", "wh_equinorm", "nc3", "nc
            "nc1_majority", "nc1_minority", "top1_majority", "top1_minority", "minority_cosine",
            "minority_collapse")
 NC1_THRESHOLDS = (1e-1, 1e-2, 1e-3)
+#: Per-class lists of the NC passes on class-imbalanced training sets
+#: (``nc_<split>_<key>``, :mod:`nc_jax.evaluate`): ``(key, split, label, format)``.
+PER_CLASS = (("top1_per_class", "test", "test top-1 (%)", "acc"),
+             ("nc1_per_class", "train", "train NC1", "sci"),
+             ("nc1_per_class", "test", "test NC1", "sci"))
 # The running-mean accuracy is a float average of per-batch percentages: allow rounding.
 FULL_TOP1 = 100.0 - 1e-6
 #: The tests' CSV columns, appended after the statistics' (empty in the statistics' rows).
@@ -133,6 +141,9 @@ PANELS = (
     ("nc_train_nc3", "NC3 (train)", "log"),
     ("nc_train_wh_equinorm", "WH-equinorm (train)", "log"),
     ("nc_train_avg_cosine_margin", "average cosine margin (train)", "linear"),
+    # Class-imbalanced training sets only (left out where no run recorded them).
+    ("nc_test_top1_minority", "test top-1, minority classes (%)", "linear"),
+    ("nc_train_minority_collapse", "minority collapse |cos + 1/(K−1)| (classifier)", "log"),
 )
 
 
@@ -364,6 +375,28 @@ def final_nc_values(rs: Sequence[Run], key: str, split: str) -> list[tuple[int, 
   return [(e, v) for e, v in got if v is not None]
 
 
+def final_per_class(rs: Sequence[Run], key: str, split: str) -> list[tuple[int, np.ndarray]]:
+  """``(epoch, values (K,))`` of the list ``nc_<split>_<key>`` at each final run's last NC
+  epoch (runs without it left out; NaN entries kept, :func:`stats` skips them)."""
+  out = []
+  for rec in (_last_nc_record(r, split) for r in _final_runs(rs)):
+    values = None if rec is None else rec.get(f"nc_{split}_{key}")
+    if isinstance(values, list) and values:
+      out.append((rec["epoch"], np.asarray([np.nan if v is None else v for v in values],
+                                           dtype=np.float64)))
+  return out
+
+
+def per_class_metric(key: str, c: int) -> str:
+  """The ``metric`` of class ``c``'s row: ``top1_per_class`` → ``top1_class_<c>``."""
+  return f"{key.removesuffix('_per_class')}_class_{c}"
+
+
+def _epoch_cell(epochs: Iterable[int]) -> Any:
+  es = sorted(set(epochs))
+  return "" if not es else es[0] if len(es) == 1 else f"{es[0]}-{es[-1]}"
+
+
 def last_epoch_values(rs: Sequence[Run], key: str) -> list[float]:
   """``key`` in each final run's last record that has it (NaN there: left out)."""
   out = []
@@ -495,7 +528,9 @@ def report_tables(runs: dict[str, list[Run]], epochs: Sequence[int]) -> list[dic
   Tables: ``top1`` (``train_top1``/``test_top1`` at each chosen epoch; runs
   without that epoch are left out, so ``n`` < ``total``), ``final_nc`` (each
   finished run's last NC epoch — unfinished runs count only if no run of the method
-  finished; ``epoch`` is that epoch, or ``"a-b"`` when seeds differ)
+  finished; ``epoch`` is that epoch, or ``"a-b"`` when seeds differ), ``per_class``
+  (runs on class-imbalanced training sets: each :data:`PER_CLASS` list at the same epochs,
+  a row per class, ``metric`` from :func:`per_class_metric`)
   and ``convergence`` (``epochs_to_*``/``seconds_to_*``; ``n`` = seeds that got
   there, ``epoch`` empty); then the tests' rows (:func:`comparison_rows`).
   """
@@ -512,9 +547,16 @@ def report_tables(runs: dict[str, list[Run]], epochs: Sequence[int]) -> list[dic
     for split in ("train", "test"):
       for key in NC_KEYS:
         got = final_nc_values(rs, key, split)
-        es = sorted({e for e, _ in got})
-        epoch = "" if not es else es[0] if len(es) == 1 else f"{es[0]}-{es[-1]}"
-        rows.append(_row("final_nc", method, key, split, epoch, [v for _, v in got], len(rs)))
+        rows.append(_row("final_nc", method, key, split, _epoch_cell(e for e, _ in got),
+                         [v for _, v in got], len(rs)))
+  for method, rs in runs.items():
+    for key, split, _, _ in PER_CLASS:
+      got = final_per_class(rs, key, split)
+      classes = max((v.size for _, v in got), default=0)
+      for c in range(classes):
+        rows.append(_row("per_class", method, per_class_metric(key, c), split,
+                         _epoch_cell(e for e, _ in got),
+                         [v[c] for _, v in got if c < v.size], len(rs)))
   for method, rs in runs.items():
     for name, _, key, predicate in convergence_criteria():
       hits = [first_reach(r.records, key, predicate) for r in rs]
@@ -667,6 +709,54 @@ def unfinished(runs: dict[str, list[Run]]) -> list[str]:
   return out
 
 
+def _imbalance(runs: dict[str, list[Run]], classes: int) -> tuple[str, list[int]]:
+  """A sentence on the runs' training-set imbalance, and the minority class ids of
+  ``classes`` classes (``[]`` for a balanced set or settings that differ between runs)."""
+  settings = {(str(c.get("imbalance", "none")), c.get("imbalance_ratio"),
+               c.get("minority_fraction", 0.5))
+              for c in (_train_config(r.config) for rs in runs.values() for r in rs)}
+  if len(settings) != 1:
+    return ("The runs' training-set imbalance differs: "
+            + "; ".join(f"{p} {r} {f}" for p, r, f in sorted(settings, key=str)) + ".", [])
+  profile, ratio, fraction = settings.pop()
+  if profile == "none":
+    return "Balanced training set.", []
+  from nc_jax.data import imbalance    # numpy only; the report needs no jax otherwise
+  minority = list(imbalance.minority_classes(classes, fraction))
+  sizes = ("sizes falling exponentially from class 0 to class "
+           f"{classes - 1}" if profile == "longtail" else
+           f"classes {minority[0]}–{minority[-1]} reduced")
+  return (f"Training set: `{profile}` imbalance, ratio {ratio:g} (largest / smallest class; "
+          f"{sizes}); minority classes (m): {minority[0]}–{minority[-1]}.", minority)
+
+
+def _per_class_section(runs: dict[str, list[Run]], rows: list[dict]) -> list[str]:
+  """The per-class tables (:data:`PER_CLASS`, medians over seeds), if any run recorded them."""
+  found = {(r["method"], r["metric"], r["split"]): r for r in rows if r["table"] == "per_class"}
+  if not found:
+    return []
+  classes = 1 + max(int(metric.rsplit("_", 1)[1]) for _, metric, _ in found)
+  sentence, minority = _imbalance(runs, classes)
+  lines = ["", "## Per class (last NC epoch of each run)", "", sentence]
+  for key, split, label, kind in PER_CLASS:
+    body = []
+    for method in runs:
+      cells = [found.get((method, per_class_metric(key, c), split)) for c in range(classes)]
+      if any(cell and cell["n"] for cell in cells):
+        n = max(cell["n"] for cell in cells if cell)
+        body.append([method, str(n), *(_fmt(cell["median"], kind) if cell else "–"
+                                       for cell in cells)])
+    if body:
+      head = ["method", "n", *(f"{c} m" if c in minority else str(c) for c in range(classes))]
+      lines += ["", f"{label}, median over seeds, per class:", "", *_table(head, body)]
+  lines += ["", "Each class's median over the runs of the final-metrics table (n seeds: the "
+            "finished runs, or all if none of a method finished) at their last NC epoch; "
+            "ranges and means per class in report.csv (table `per_class`). The majority / "
+            "minority averages and the minority-collapse measure are in the final-metrics "
+            "table above."]
+  return lines
+
+
 def render_markdown(folder: str | pathlib.Path, runs: dict[str, list[Run]], rows: list[dict],
                     warnings: Sequence[str] = ()) -> str:
   """The report as Markdown: configuration, then the top-1, final-NC and convergence tables."""
@@ -746,6 +836,7 @@ def render_markdown(folder: str | pathlib.Path, runs: dict[str, list[Run]], rows
             "`nc_test_*`); top1 there is the NC pass's accuracy (%). NaN values are left out "
             "of n."]
   lines += _tests_section(rows, "final")
+  lines += _per_class_section(runs, rows)
 
   lines += ["", "## Convergence (first epoch reaching the criterion)", ""]
   body = []
@@ -789,6 +880,18 @@ def write_csv(path: str | pathlib.Path, rows: Sequence[dict]) -> pathlib.Path:
 # --------------------------------------------------------------------------- #
 # Figures
 # --------------------------------------------------------------------------- #
+
+
+def _save(fig, path: str | pathlib.Path, suptitle: str | None = None) -> pathlib.Path:
+  """Lays out, writes (100 dpi) and closes a figure; returns its path."""
+  import matplotlib.pyplot as plt
+  if suptitle:
+    fig.suptitle(suptitle)
+  fig.tight_layout()
+  path = pathlib.Path(path)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
 
 
 def epoch_series(runs: Sequence[Run], key: str) -> tuple[np.ndarray, ...]:
@@ -867,12 +970,7 @@ def plot_metrics(runs: dict[str, list[Run]], path: str | pathlib.Path,
   seeds = sorted({n for n in seed_counts.values()}) if seed_counts else []
   what = ("one seed" if seeds == [1] else
           f"median over {'/'.join(map(str, seeds))} seeds, min–max band")
-  fig.suptitle(f"{title} ({what})" if title else what)
-  fig.tight_layout()
-  path = pathlib.Path(path)
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return _save(fig, path, f"{title} ({what})" if title else what)
 
 
 def margin_curves(runs: Sequence[Run], points: int = 1000) -> tuple[np.ndarray, ...] | None:
@@ -916,11 +1014,57 @@ def plot_margins(runs: dict[str, list[Run]], path: str | pathlib.Path,
                "per-sample train cosine margin, end of training")
   ax.grid(alpha=0.3)
   ax.legend()
-  fig.tight_layout()
-  path = pathlib.Path(path)
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return _save(fig, path)
+
+
+def plot_per_class(runs: dict[str, list[Run]], path: str | pathlib.Path,
+                   title: str = "") -> pathlib.Path | None:
+  """Per-class panels (:data:`PER_CLASS`) at the last NC epoch against the class id, methods
+  overlaid (median over the final runs, min–max band), minority classes shaded.
+
+  Returns ``None`` (and writes nothing) if no run recorded per-class lists (balanced sets).
+  """
+  series = {}
+  for key, split, label, kind in PER_CLASS:
+    per_method = {}
+    for method, rs in runs.items():
+      got = [v for _, v in final_per_class(rs, key, split)]
+      if got and len({v.size for v in got}) == 1:
+        a = np.stack(got)
+        if kind == "sci":
+          a = np.where(a > 0, a, np.nan)
+        if np.isfinite(a).any():
+          with warnings.catch_warnings():      # a class with no value in any seed: NaN, a gap
+            warnings.simplefilter("ignore", RuntimeWarning)
+            per_method[method] = (np.nanmedian(a, 0), np.nanmin(a, 0), np.nanmax(a, 0),
+                                  len(got))
+    if per_method:
+      series[(key, split)] = (label, kind, per_method)
+  if not series:
+    return None
+  classes = max(m[0].size for _, _, pm in series.values() for m in pm.values())
+  _, minority = _imbalance(runs, classes)
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(1, len(series), figsize=(5 * len(series), 3.8), squeeze=False)
+  for ax, (label, kind, per_method) in zip(axes.flat, series.values()):
+    for c in minority:
+      ax.axvspan(c - 0.5, c + 0.5, color="0.9", linewidth=0)
+    for method, (med, lo, hi, n) in per_method.items():
+      x = np.arange(med.size)
+      col = colour(method)
+      ax.plot(x, med, color=col, marker=".", label=f"{method} ({n} seed{'s' * (n != 1)})")
+      ax.fill_between(x, lo, hi, color=col, alpha=0.2, linewidth=0)
+    ax.set_yscale("log" if kind == "sci" else "linear")
+    ax.set_title(label)
+    ax.set_xlabel("class" + (" (shaded: minority)" if minority else ""))
+    ax.set_xticks(range(classes))
+    ax.grid(alpha=0.3)
+  axes.flat[0].legend()
+  what = "per class, last NC epoch: median over seeds, min–max band"
+  return _save(fig, path, f"{title} ({what})" if title else what)
 
 
 # --------------------------------------------------------------------------- #
@@ -966,7 +1110,8 @@ def report(folder: str | pathlib.Path, out: str | pathlib.Path, epochs: Sequence
            "csv": write_csv(out / "report.csv", rows)}
   if plot:
     title = _title(runs, folder)
-    for name, fn in (("metrics", plot_metrics), ("margins", plot_margins)):
+    for name, fn in (("metrics", plot_metrics), ("margins", plot_margins),
+                     ("per_class", plot_per_class)):
       path = fn(runs, out / f"{name}.png", title)
       if path is not None:
         paths[name] = path

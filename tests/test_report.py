@@ -543,8 +543,9 @@ def test_cli_end_to_end_with_tests(tmp_path):
 
 
 def test_imbalance_metrics_appear_only_when_recorded(tmp_path):
-  """A balanced experiment's report has no minority rows; one whose runs recorded the
-  imbalance metrics reports their medians per method."""
+  """A balanced experiment's report has no minority rows and no per-class section; one whose
+  runs recorded the imbalance metrics reports their medians per method, and each class's
+  test top-1 and NC1 (tables, CSV rows, figure) with the minority classes marked."""
   balanced, imbalanced = tmp_path / "balanced", tmp_path / "imbalanced"
   for root, extra in ((balanced, {}), (imbalanced, {"minority_collapse": 0.25,
                                                     "top1_minority": 40.0})):
@@ -555,12 +556,40 @@ def test_imbalance_metrics_appear_only_when_recorded(tmp_path):
           for split in ("train", "test"):
             if f"nc_{split}_nc1" in rec:
               rec.update({f"nc_{split}_{k}": v * seed for k, v in extra.items()})
-        make_run(root, method, seed, recs)
+              if extra:                # 4 classes; class 3 falls with the seed (and method)
+                rec[f"nc_{split}_top1_per_class"] = [
+                    100.0, 80.0, 60.0, 40.0 - 10 * seed - (5 if method == "implicit" else 0)]
+                rec[f"nc_{split}_nc1_per_class"] = [1e-3 * seed, 2e-3, None, 4e-3]
+        config = None
+        if extra:
+          config = {"experiment": "fashion_mnist", "method": method, "seed": seed,
+                    "train_config": {"dataset": "fashion_mnist", "imbalance": "longtail",
+                                     "imbalance_ratio": 10.0, "minority_fraction": 0.5}}
+        make_run(root, method, seed, recs, config=config)
   for root in (balanced, imbalanced):
-    report.main([str(root), "--quiet", "--no-plot"])
-  assert "minority_collapse" not in (balanced / "report.md").read_text()
+    report.main([str(root), "--quiet"])
+  text = (balanced / "report.md").read_text()
+  assert "minority_collapse" not in text and "## Per class" not in text
+  assert not (balanced / "per_class.png").exists()
   text = (imbalanced / "report.md").read_text()
   row = next(line for line in text.splitlines()
              if line.startswith("| minority_collapse | implicit |"))
   assert "0.3750 [0.2500, 0.5000]" in row       # median [min, max] over seeds 1, 2
   assert "| top1_minority | standard |" in text
+  section = text[text.index("## Per class"):text.index("## Convergence")]
+  assert ("`longtail` imbalance, ratio 10 (largest / smallest class; sizes falling "
+          "exponentially from class 0 to class 3); minority classes (m): 2–3.") in section
+  assert section.count("| method | n | 0 | 1 | 2 m | 3 m |") == 3
+  # Class 3's test top-1: standard seeds {30, 20} → 25, implicit {25, 15} → 20.
+  assert "| standard | 2 | 100.00 | 80.00 | 60.00 | 25.00 |" in section
+  assert "| implicit | 2 | 100.00 | 80.00 | 60.00 | 20.00 |" in section
+  # Train NC1: class 0 {1e-3, 2e-3} → 1.5e-3; class 2 recorded as null (NaN): no value.
+  assert "| standard | 2 | 1.50e-03 | 2.00e-03 | – | 4.00e-03 |" in section
+  with open(imbalanced / "report.csv", newline="") as f:
+    table = [r for r in csv.DictReader(f) if r["table"] == "per_class"]
+  assert len(table) == 2 * 3 * 4                 # methods × PER_CLASS × classes
+  row = next(r for r in table if (r["method"], r["metric"], r["split"]) ==
+             ("implicit", "top1_class_3", "test"))
+  assert (float(row["min"]), float(row["max"]), row["n"], row["epoch"]) == (
+      15.0, 25.0, "2", str(EPOCHS))
+  assert (imbalanced / "per_class.png").stat().st_size > 0
