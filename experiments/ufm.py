@@ -225,8 +225,11 @@ def run_one(cfg: UFMConfig, method: str, seed: int, log=print,
     seconds_before = position["seconds"]
     log(f"  {method:>11} seed {seed}: resuming at iteration {start}")
 
+  # The labels are an argument, not a closed-over constant: as a constant, XLA folds the
+  # loss gradient's one-hot scatter into an (N, K) constant while compiling (measured: 5 s
+  # more for UFM-1000, and "slow constant folding" errors in the log).
   @jax.jit
-  def step(params, opt_state, head_state):
+  def step(params, opt_state, head_state, labels):
     def objective(p):
       h = heads.head_features(head_cfg, p["features"])
       logits, new_head = heads.train_logits(head_cfg, p["head"], head_state, h, labels)
@@ -256,7 +259,8 @@ def run_one(cfg: UFMConfig, method: str, seed: int, log=print,
   margins = None
   with checkpoint.StopRequest() as stop:
     for it in range(start + 1, cfg.iterations + 1):
-      params, opt_state, head_state, loss, bad = step(params, opt_state, head_state)
+      params, opt_state, head_state, loss, bad = step(params, opt_state, head_state,
+                                                      labels)
       unconverged = unconverged + bad  # on device; read with the metrics
       if it == 1 or it % cfg.eval_every == 0 or it == cfg.iterations:
         train.check_solves(unconverged)  # a failed matmul-only solve stops the run here
