@@ -17,7 +17,7 @@ For each experiment folder it writes (into the folder itself, or ``--out``):
   NC passes); convergence (epochs and wall seconds to 100 % train top-1 and to
   train NC1 below 1e-1, 1e-2, 1e-3, with the number of seeds that got there
   and "not reached (k of n)"); under the final-NC and the convergence tables,
-  the tests between methods (below).
+  the tests between methods (below); last, the figures (unless ``--no-plot``).
 * ``report.csv``: the same numbers in long format, one row per
   (table, method, metric, split, epoch), then one row per test (below).
 * ``metrics.png``: metrics against epoch, methods overlaid (median over seeds,
@@ -757,9 +757,17 @@ def _per_class_section(runs: dict[str, list[Run]], rows: list[dict]) -> list[str
   return lines
 
 
+#: Captions of the figures in ``report.md`` (file stem → caption).
+FIGURES = {"metrics": "Metrics against epoch (median over seeds, min–max band)",
+           "margins": "Per-sample train cosine margin at the end of training, sorted",
+           "per_class": "Per class at the last NC epoch (minority classes shaded)"}
+
+
 def render_markdown(folder: str | pathlib.Path, runs: dict[str, list[Run]], rows: list[dict],
-                    warnings: Sequence[str] = ()) -> str:
-  """The report as Markdown: configuration, then the top-1, final-NC and convergence tables."""
+                    warnings: Sequence[str] = (),
+                    figures: Sequence[pathlib.Path] = ()) -> str:
+  """The report as Markdown: configuration, then the top-1, final-NC and convergence tables,
+  then the ``figures`` (written beside ``report.md``; linked by file name)."""
   all_runs = [r for rs in runs.values() for r in rs]
   name = ", ".join(_distinct(r.config.get("experiment") for r in all_runs))
   name = name or pathlib.Path(folder).resolve().name
@@ -855,6 +863,11 @@ def render_markdown(folder: str | pathlib.Path, runs: dict[str, list[Run]], rows
             "NC-pass criteria are only checked on NC epochs. The tests below count the runs "
             "that did not reach a criterion as censored, not as missing."]
   lines += _tests_section(rows, "convergence")
+  if figures:
+    lines += ["", "## Figures"]
+    for path in figures:
+      caption = FIGURES.get(path.stem, path.stem)
+      lines += ["", f"{caption}:", "", f"![{caption}]({path.name})"]
   return "\n".join(lines) + "\n"
 
 
@@ -1105,16 +1118,17 @@ def report(folder: str | pathlib.Path, out: str | pathlib.Path, epochs: Sequence
   out.mkdir(parents=True, exist_ok=True)
   epochs = list(epochs) if epochs else default_epochs(runs)
   rows = report_tables(runs, epochs)
-  text = render_markdown(folder, runs, rows, warnings)
-  paths = {"markdown": write_markdown(out / "report.md", text),
-           "csv": write_csv(out / "report.csv", rows)}
-  if plot:
+  paths = {}
+  if plot:        # first, so that report.md links the figures this call wrote
     title = _title(runs, folder)
     for name, fn in (("metrics", plot_metrics), ("margins", plot_margins),
                      ("per_class", plot_per_class)):
       path = fn(runs, out / f"{name}.png", title)
       if path is not None:
         paths[name] = path
+  text = render_markdown(folder, runs, rows, warnings, figures=list(paths.values()))
+  paths |= {"markdown": write_markdown(out / "report.md", text),
+            "csv": write_csv(out / "report.csv", rows)}
   return {"runs": runs, "epochs": epochs, "rows": rows, "markdown": text, "paths": paths,
           "warnings": list(warnings)}
 

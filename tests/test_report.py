@@ -524,6 +524,7 @@ def test_cli_end_to_end_with_tests(tmp_path):
                "Brown–Forsythe", "Spread:", "| train nc3 |"):
     assert text in md, text
   assert "| train nc2_etf |" not in md            # no run recorded it: CSV only
+  assert "## Figures" not in md and "png)" not in md  # --no-plot: nothing drawn, none linked
   with open(root / "report.csv", newline="") as f:
     table = list(csv.DictReader(f))
   # The existing columns keep their place; the tests' columns come after them.
@@ -571,6 +572,7 @@ def test_imbalance_metrics_appear_only_when_recorded(tmp_path):
   text = (balanced / "report.md").read_text()
   assert "minority_collapse" not in text and "## Per class" not in text
   assert not (balanced / "per_class.png").exists()
+  assert "(metrics.png)" in text and "per_class.png" not in text
   text = (imbalanced / "report.md").read_text()
   row = next(line for line in text.splitlines()
              if line.startswith("| minority_collapse | implicit |"))
@@ -593,3 +595,7 @@ def test_imbalance_metrics_appear_only_when_recorded(tmp_path):
   assert (float(row["min"]), float(row["max"]), row["n"], row["epoch"]) == (
       15.0, 25.0, "2", str(EPOCHS))
   assert (imbalanced / "per_class.png").stat().st_size > 0
+  # report.md shows the figures this call drew, by file name (it sits beside them).
+  assert text.index("## Figures") > text.index("## Convergence")
+  for name in ("metrics", "per_class"):
+    assert f"![{report.FIGURES[name]}]({name}.png)" in text
