@@ -40,7 +40,7 @@ for seed in $seeds; do
       python -m experiments.ufm --preset "$name" --methods standard,fixed,implicit,implicit-fo \
         --seeds "$seed" --quiet --no-plot --out "$out" ;;
     ufm1000)
-      # About 1.5-3 h per run on 2 cores (BUILD_NOTES §10): the paper's three methods only
+      # About 1.5-3 h per run on 2 cores (BUILD_NOTES §9): the paper's three methods only
       # (forward-only matched the implicit ETF iteration for iteration at UFM-100).
       python -m experiments.ufm --preset "$name" --methods standard,fixed,implicit \
         --seeds "$seed" --quiet --no-plot --out "$out" ;;
