@@ -93,7 +93,6 @@ import json
 import math
 import pathlib
 import sys
-import warnings
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
@@ -552,10 +551,9 @@ def report_tables(runs: dict[str, list[Run]], epochs: Sequence[int]) -> list[dic
   for method, rs in runs.items():
     for key, split, _, _ in PER_CLASS:
       got = final_per_class(rs, key, split)
-      classes = max((v.size for _, v in got), default=0)
-      for c in range(classes):
-        rows.append(_row("per_class", method, per_class_metric(key, c), split,
-                         _epoch_cell(e for e, _ in got),
+      epoch = _epoch_cell(e for e, _ in got)
+      for c in range(max((v.size for _, v in got), default=0)):
+        rows.append(_row("per_class", method, per_class_metric(key, c), split, epoch,
                          [v[c] for _, v in got if c < v.size], len(rs)))
   for method, rs in runs.items():
     for name, _, key, predicate in convergence_criteria():
@@ -1047,10 +1045,11 @@ def plot_per_class(runs: dict[str, list[Run]], path: str | pathlib.Path,
         if kind == "sci":
           a = np.where(a > 0, a, np.nan)
         if np.isfinite(a).any():
-          with warnings.catch_warnings():      # a class with no value in any seed: NaN, a gap
-            warnings.simplefilter("ignore", RuntimeWarning)
-            per_method[method] = (np.nanmedian(a, 0), np.nanmin(a, 0), np.nanmax(a, 0),
-                                  len(got))
+          # The tables' statistics (NaN skipped); a class with no value in any seed: a gap.
+          columns = [stats(a[:, c]) for c in range(a.shape[1])]
+          per_method[method] = (*(np.asarray([np.nan if col[k] is None else col[k]
+                                              for col in columns])
+                                  for k in ("median", "min", "max")), len(got))
     if per_method:
       series[(key, split)] = (label, kind, per_method)
   if not series:

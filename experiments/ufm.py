@@ -441,8 +441,8 @@ def comparison_rows(results: dict[str, list[dict]]) -> list[dict]:
   for name, _, value in tested_quantities():
     samples = {}
     for method, runs in results.items():
-      pairs_of_run = [value(r["history"]) for r in runs]
-      samples[method] = ([v for v, _ in pairs_of_run], [c for _, c in pairs_of_run])
+      got = [value(r["history"]) for r in runs]           # (value, censored) per seed
+      samples[method] = ([v for v, _ in got], [c for _, c in got])
     for table, tested in report.pair_tests(samples, pairs).items():
       rows += [dict(table=table, metric=name, split="train", **t) for t in tested]
   return rows
