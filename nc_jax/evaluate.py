@@ -15,7 +15,8 @@ Two pieces, used by the image runner (:mod:`experiments.image`) and the UFM runn
   with a warning instead of failing the run.
 
 The result is a dict: each key of :data:`SCALAR_KEYS` as a float (the metrics of
-:data:`nc_jax.metrics.METRIC_KEYS`, the numerical rank, and the distances of the nearest ETFs
+:data:`nc_jax.metrics.METRIC_KEYS`, the numerical rank unless
+``numerical_rank=False``, and the distances of the nearest ETFs
 to those of a ``reference`` evaluation, the official ``--ref_ETF``), ``"cosine_margins"`` (the
 ``(N,)`` per-sample margins, ``None`` when undefined), the nearest-ETF frames
 ``"w_etf_frame"``/``"h_etf_frame"`` (to pass as a later ``reference``) and, with
@@ -68,7 +69,7 @@ def collect_features(batches: Iterable[tuple[jax.Array, jax.Array]]) -> tuple[np
 def nc_evaluate(features: np.ndarray, labels: np.ndarray, head_config: heads.HeadConfig,
                 head_params: Any, head_state: heads.HeadState, *, chunk: int = CHUNK,
                 reference: dict[str, Any] | None = None, per_class: bool = False,
-                minority: Any = None) -> dict[str, Any]:
+                minority: Any = None, numerical_rank: bool = True) -> dict[str, Any]:
   """The neural-collapse metrics of ``features`` under the head's evaluation classifier.
 
   Args:
@@ -82,12 +83,17 @@ def nc_evaluate(features: np.ndarray, labels: np.ndarray, head_config: heads.Hea
     minority: class ids of the minority classes (implies ``per_class``): also
       :data:`IMBALANCE_KEYS` (means over the majority and minority classes, the minority
       rows' mean cosine and its distance from −1/(K−1)).
+    numerical_rank: compute ``"numerical_rank"`` (``False``: the key is absent). It takes K
+      SVDs of the ``(n_c, d)`` class features in float64, which at K = 200 or 1000 cost
+      more than the two metric passes themselves, so a caller that does not record it (the
+      UFM runner) skips it.
 
   Returns:
     ``{key: float for key in SCALAR_KEYS}`` plus ``"cosine_margins"`` (``(N,)`` or ``None``),
     ``"w_etf_frame"``, ``"h_etf_frame"`` (``(d, K)`` or ``None``) and the per-class and
-    imbalance entries asked for; NaN (and ``None``) throughout, with a warning naming the
-    missing count, when a class has no example.
+    imbalance entries asked for (without ``"numerical_rank"`` if not asked for); NaN (and
+    ``None``) throughout, with a warning naming the missing count, when a class has no
+    example.
   """
   features, labels = np.asarray(features), np.asarray(labels)
   k = head_config.num_classes
@@ -97,7 +103,8 @@ def nc_evaluate(features: np.ndarray, labels: np.ndarray, head_config: heads.Hea
     warnings.warn(f"NC metrics undefined: {missing} of {k} classes have no example among the "
                   f"{labels.size} evaluated (a larger evaluation subset fixes it); NaN recorded",
                   stacklevel=2)
-    out: dict[str, Any] = {key: float("nan") for key in SCALAR_KEYS}
+    out: dict[str, Any] = {key: float("nan") for key in SCALAR_KEYS
+                           if numerical_rank or key != "numerical_rank"}
     out |= {"cosine_margins": None, "w_etf_frame": None, "h_etf_frame": None}
     if per_class:
       out |= {"nc1_per_class": np.full(k, np.nan), "top1_per_class": np.full(k, np.nan)}
@@ -112,7 +119,8 @@ def nc_evaluate(features: np.ndarray, labels: np.ndarray, head_config: heads.Hea
                for i in range(0, features.shape[0], chunk)),
       w, b, k)
   out = {key: float(result[key]) for key in metrics.METRIC_KEYS}
-  out["numerical_rank"] = class_metrics.numerical_rank(features, labels, k)
+  if numerical_rank:
+    out["numerical_rank"] = class_metrics.numerical_rank(features, labels, k)
   out |= class_metrics.etf_reference_distances(result, reference)
   out |= {key: result[key] for key in ("cosine_margins", "w_etf_frame", "h_etf_frame")}
   if per_class:

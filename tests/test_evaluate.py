@@ -55,3 +55,23 @@ def test_nc_evaluate_missing_class_is_nan_with_a_warning():
   with pytest.warns(UserWarning, match="1 of 4 classes have no example"):
     got = evaluate.nc_evaluate(np.asarray(h), y, cfg, params, state)
   assert np.isnan(got["nc1"]) and got["cosine_margins"] is None
+
+
+def test_nc_evaluate_without_numerical_rank_omits_only_that_key():
+  """``numerical_rank=False`` (the UFM runner's) drops the key and changes nothing else, also
+  on the missing-class path."""
+  h, y = blobs()
+  cfg = heads.HeadConfig("standard", num_classes=3, feature_dim=8)
+  params, state = heads.init(cfg, jax.random.PRNGKey(0))
+  full = evaluate.nc_evaluate(np.asarray(h), y, cfg, params, state)
+  lean = evaluate.nc_evaluate(np.asarray(h), y, cfg, params, state, numerical_rank=False)
+  assert 1.0 <= full["numerical_rank"] <= 8.0 and "numerical_rank" not in lean
+  assert set(full) - set(lean) == {"numerical_rank"}
+  for key in lean:
+    np.testing.assert_array_equal(np.asarray(lean[key], float), np.asarray(full[key], float),
+                                  err_msg=key)
+  cfg4 = heads.HeadConfig("fixed", num_classes=4, feature_dim=8)
+  params4, state4 = heads.init(cfg4, jax.random.PRNGKey(0))
+  with pytest.warns(UserWarning, match="no example"):
+    lean = evaluate.nc_evaluate(np.asarray(h), y, cfg4, params4, state4, numerical_rank=False)
+  assert "numerical_rank" not in lean and np.isnan(lean["nc1"])
