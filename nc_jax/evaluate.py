@@ -84,9 +84,9 @@ def nc_evaluate(features: np.ndarray, labels: np.ndarray, head_config: heads.Hea
       :data:`IMBALANCE_KEYS` (means over the majority and minority classes, the minority
       rows' mean cosine and its distance from −1/(K−1)).
     numerical_rank: compute ``"numerical_rank"`` (``False``: the key is absent). It takes K
-      SVDs of the ``(n_c, d)`` class features in float64, which at K = 200 or 1000 cost
-      more than the two metric passes themselves, so a caller that does not record it (the
-      UFM runner) skips it.
+      SVDs of the ``(n_c, d)`` class features in float64, which made the call 1.45–1.76
+      times as long at K = 200 and 1000 (``benchmarks/nc_pass.py``), so a caller that does
+      not record it (the UFM runner) skips it.
 
   Returns:
     ``{key: float for key in SCALAR_KEYS}`` plus ``"cosine_margins"`` (``(N,)`` or ``None``),
