@@ -4,6 +4,10 @@ The paper's recipe with every field a flag; see :mod:`experiments.image` for the
 folders, sweeps and resumption, and ``python -m experiments.cifar100 --help`` for the flags.
 """
 
+if __name__ == "__main__":  # run as a program: one BLAS thread unless exported
+  from experiments import threads  # (before JAX loads LAPACK; why: experiments.threads)
+  threads.set_blas_defaults()
+
 from experiments import image
 
 EXPERIMENT = "cifar100"

@@ -24,6 +24,9 @@ One invocation runs ``--methods`` × ``--seeds`` in turn (``--method`` and
   ``nc_train_<key>`` / ``nc_test_<key>`` (and ``nc_seconds``, the time they took; with
   ``--imbalance`` also the per-class lists and the minority metrics of
   :data:`nc_jax.evaluate.IMBALANCE_KEYS`);
+* ``environment.jsonl`` — one line per start or resume: the epoch and batch it started
+  from, machine, CPU, versions, BLAS threads, ``XLA_FLAGS`` and command
+  (:meth:`experiments.run_folder.RunFolder.append_environment`);
 * ``margins.npy`` — the sorted per-sample train cosine margins at the end;
 * ``reference_etf.npz`` — the nearest ETFs of epoch 1's NC pass, which the
   ``nc_*_w_etf_ref_dist`` / ``nc_*_h_etf_ref_dist`` metrics compare with;
@@ -202,6 +205,8 @@ def _run_locked(cfg: config_lib.TrainConfig, method: str, options: RunOptions, d
       run_folder.write_json(run.config_path, config_json)
   if writes:
     run.write_records(records)
+    run.append_environment({"epoch": position["epoch"], "batch": position["batch"]},
+                           config_json["command"])
   elapsed0 = records[-1]["elapsed"] if records else 0.0
   writer = tb_writer.open_writer(folder / "tb", options.tensorboard if writes else False)
   progress = progress_lib.Progress(title, cfg.epochs * steps_per_epoch,

@@ -1,9 +1,10 @@
 """A run folder's bookkeeping: one writer at a time, readable records, resume only the same run.
 
 A run folder (``runs/<experiment>/<method>/seed-<n>/``) holds ``config.json`` (what the run
-computes), ``metrics.jsonl`` (one record per epoch or evaluation), ``done.json`` (written last),
-``margins.npy``, ``checkpoints/`` and figures. Everything here is about keeping those files
-consistent under faults:
+computes), ``metrics.jsonl`` (one record per epoch or evaluation), ``environment.jsonl`` (where
+and with what each segment of the run ran: one line per start or resume), ``done.json``
+(written last), ``margins.npy``, ``checkpoints/`` and figures. Everything here is about
+keeping those files consistent under faults:
 
 * **One writer.** :meth:`RunFolder.lock` takes an exclusive ``flock`` on ``<folder>/.lock``
   for the run's lifetime. The kernel releases it when the process dies (also on SIGKILL), so a
@@ -17,6 +18,10 @@ consistent under faults:
   configuration, the options in :data:`RUN_DEFINING_OPTIONS`, and the factorisation ``auto``
   resolved to. A folder with checkpoints but no readable ``config.json`` cannot be checked and
   is refused.
+* **Provenance per segment.** A run resumed on another machine, with other package versions
+  or another BLAS thread count computes the same thing up to float rounding, so such a change
+  does not stop a resume; :meth:`RunFolder.append_environment` records it instead, one line
+  per segment, with the step the segment started from.
 * **Clear errors.** Every JSON file is read through :func:`read_json`, whose errors name the
   file.
 
@@ -35,6 +40,8 @@ import platform
 import socket
 import warnings
 from typing import Any, Iterator
+
+from experiments import threads
 
 # Options that change what a run computes or records (resuming with another value would mix
 # two runs in one folder). The others (where output goes, how often to checkpoint, progress
@@ -66,6 +73,30 @@ def write_json(path: pathlib.Path, content: Any) -> None:
   tmp.replace(path)
 
 
+def _read_jsonl(path: pathlib.Path, dropped: str) -> list[dict]:
+  """The JSON lines of ``path`` (``[]`` if missing). A last line without its newline that is
+  not valid JSON (a kill during the write) is dropped with a warning that says ``dropped``;
+  any other invalid line is a ``ValueError`` naming the file and line."""
+  if not path.exists():
+    return []
+  text = path.read_text()
+  lines = text.split("\n")
+  out = []
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      out.append(json.loads(line))
+    except json.JSONDecodeError as err:
+      if number == len(lines) and not text.endswith("\n"):
+        warnings.warn(f"{path}: dropped a half-written last line (line {number}: a run "
+                      f"killed while writing it); {dropped}", stacklevel=3)
+        continue
+      raise ValueError(f"{path}: line {number} is not valid JSON ({err.msg}); repair or "
+                       f"delete the line, or start the run again with --overwrite") from None
+  return out
+
+
 class RunFolder:
   """The files of one run (see the module docstring)."""
 
@@ -91,6 +122,10 @@ class RunFolder:
   @property
   def checkpoint_dir(self) -> pathlib.Path:
     return self.path / "checkpoints"
+
+  @property
+  def environment_path(self) -> pathlib.Path:
+    return self.path / "environment.jsonl"
 
   @property
   def reference_etf_path(self) -> pathlib.Path:
@@ -147,25 +182,38 @@ class RunFolder:
     A last line without its newline that is not valid JSON is what a kill during the write
     leaves: it is dropped, with a warning. Any other invalid line is an error naming it.
     """
-    path = self.records_path
-    if not path.exists():
-      return []
-    text = path.read_text()
-    lines = text.split("\n")
-    records = []
-    for number, line in enumerate(lines, 1):
-      if not line.strip():
-        continue
-      try:
-        records.append(json.loads(line))
-      except json.JSONDecodeError as err:
-        if number == len(lines) and not text.endswith("\n"):
-          warnings.warn(f"{path}: dropped a half-written last line (line {number}: a run "
-                        f"killed while writing it); its epoch is redone", stacklevel=2)
-          continue
-        raise ValueError(f"{path}: line {number} is not valid JSON ({err.msg}); repair or "
-                         f"delete the line, or start the run again with --overwrite") from None
-    return records
+    return _read_jsonl(self.records_path, "its epoch is redone")
+
+  def append_environment(self, start: dict[str, int], command: str) -> dict:
+    """Records where and with what the segment of the run starting now runs.
+
+    Appends one JSON line to ``environment.jsonl``: ``start`` (the step the segment starts
+    from, e.g. ``{"iteration": 400}`` or ``{"epoch": 12, "batch": 0}``; all zero for a run
+    from the beginning, which starts the file again), ``started`` (UTC), ``command``,
+    ``machine`` (:func:`machine_description`), ``cpu`` (:func:`cpu_model`), ``versions``
+    (:func:`versions`), ``blas_threads`` (:func:`experiments.threads.blas_threads_now`) and
+    ``xla_flags``. Call it after the restore (``start`` is where the run really continues)
+    and before the first step.
+
+    Returns:
+      The recorded line.
+    """
+    line = {"start": {k: int(v) for k, v in start.items()},
+            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                timespec="seconds"),
+            "command": command, "machine": machine_description(), "cpu": cpu_model(),
+            "versions": versions(), "blas_threads": threads.blas_threads_now(),
+            "xla_flags": os.environ.get("XLA_FLAGS")}
+    self.path.mkdir(parents=True, exist_ok=True)
+    from_beginning = not any(line["start"].values())
+    with open(self.environment_path, "w" if from_beginning else "a") as f:
+      f.write(json.dumps(line) + "\n")
+    return line
+
+  def read_environment(self) -> list[dict]:
+    """The lines of ``environment.jsonl``, oldest first (``[]`` if missing; a half-written
+    last line is dropped with a warning, as in :meth:`read_records`)."""
+    return _read_jsonl(self.environment_path, "that segment's environment is unrecorded")
 
   def write_records(self, records: list[dict]) -> None:
     """Replaces ``metrics.jsonl`` atomically."""
@@ -249,6 +297,18 @@ def versions() -> dict[str, str]:
     except md.PackageNotFoundError:
       pass
   return out
+
+
+def cpu_model() -> str:
+  """The host CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
 
 
 def machine_description() -> str:

@@ -19,6 +19,10 @@ Run: ``python -m experiments.solver_demo [--dim 512 --classes 10 --steps 8]``.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # run as a program: one BLAS thread unless exported
+  from experiments import threads  # (before JAX loads LAPACK; why: experiments.threads)
+  threads.set_blas_defaults()
+
 import argparse
 import time
 

@@ -19,7 +19,9 @@ a mean loss; SGD (``--optimizer sgd --lr ...``) and feature weight decay
 Checkpoints every ``--checkpoint-every`` iterations and on SIGINT/SIGTERM; the same command
 continues an interrupted run (same settings) from its newest intact checkpoint.
 
-Writes ``<out>/<method>/seed-<n>/{config.json, metrics.jsonl, margins.npy}``, a
+Writes ``<out>/<method>/seed-<n>/{config.json, metrics.jsonl, environment.jsonl, margins.npy}``
+(``environment.jsonl``: one line per start or resume, see
+:meth:`experiments.run_folder.RunFolder.append_environment`), a
 six-panel figure ``<out>/ufm.png`` (CE loss with its lower bound, average cosine
 margin, per-sample cosine margin at the end, NC1, NC3, WH-equinorm; methods
 overlaid) and prints a summary: iterations to 100 % accuracy and NC1 thresholds and the
@@ -34,6 +36,10 @@ cores), or e.g.
 """
 
 from __future__ import annotations
+
+if __name__ == "__main__":  # run as a program: one BLAS thread unless exported
+  from experiments import threads  # (before JAX loads LAPACK; why: experiments.threads)
+  threads.set_blas_defaults()
 
 import argparse
 import csv
@@ -180,12 +186,15 @@ class Interrupted(RuntimeError):
 
 
 def run_one(cfg: UFMConfig, method: str, seed: int, log=print,
-            checkpointer: checkpoint.Checkpointer | None = None) -> dict:
+            checkpointer: checkpoint.Checkpointer | None = None,
+            on_start: Callable[[int], None] | None = None) -> dict:
   """Trains one method with one seed; returns ``{"history": [...], "margins": ndarray}``.
 
   With a ``checkpointer`` it continues from the newest intact checkpoint there (if any) and
   saves every ``cfg.checkpoint_every`` iterations and when SIGINT/SIGTERM arrives (then
-  raises :class:`Interrupted`). A checkpoint holds the features, classifier, optimiser and
+  raises :class:`Interrupted`). ``on_start(iteration)`` is called once, after any restore and
+  before the first step, with the iteration the run continues from (0 from the beginning).
+  A checkpoint holds the features, classifier, optimiser and
   head states, the unconverged-solve count and the records so far, so a resumed run's
   records equal the uninterrupted run's (bitwise on CPU), wall-clock seconds aside.
   """
@@ -258,6 +267,8 @@ def run_one(cfg: UFMConfig, method: str, seed: int, log=print,
                                   "seconds": seconds_before + time.perf_counter() - t0})
     checkpointer.wait()  # on disk before the run goes on (or the process exits)
 
+  if on_start is not None:
+    on_start(start)
   t0 = time.perf_counter()
   margins = None
   with checkpoint.StopRequest() as stop:
@@ -529,6 +540,8 @@ def plot(cfg: UFMConfig, results: dict[str, list[dict]], path: pathlib.Path) -> 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, list[dict]]:
   cfg = config_from_args(argv)
+  command = " ".join(["python -m experiments.ufm"]
+                     + list(sys.argv[1:] if argv is None else argv))
   os.makedirs(cfg.out, exist_ok=True)
   results: dict[str, list[dict]] = {}
   for method in cfg.methods:
@@ -545,8 +558,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[dict]]:
             print(f"{method} seed {seed}:", flush=True)
           ckpt = prepare_unfinished(run, config, cfg.overwrite)
           try:
-            result = run_one(cfg, method, seed, log=lambda s: print(s, flush=True),
-                             checkpointer=ckpt)
+            result = run_one(
+                cfg, method, seed, log=lambda s: print(s, flush=True), checkpointer=ckpt,
+                on_start=lambda it, run=run: run.append_environment({"iteration": it},
+                                                                    command))
           finally:
             ckpt.close()
           save_run(run, config, result)

@@ -7,16 +7,18 @@ backbone or a narrow ResNet18, and one device unless a test is about data parall
 import dataclasses
 import importlib
 import json
+import os
 import re
 import pathlib
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
 from experiments import cli as cli_lib
-from experiments import image, report
+from experiments import image, report, run_folder
 from nc_jax.data.subsets import balanced_subset
 
 SMOKE = ["--source", "synthetic", "--num-examples", "64", "--batch-size", "32", "--epochs", "2",
@@ -356,6 +358,16 @@ def test_resume_equals_uninterrupted(tmp_path, capsys):
   assert cifar10.main(part + ["--resume", "--epochs", "4"]) == {("implicit", 1): "done"}
   assert [r["epoch"] for r in records(folder)] == [1, 2, 3, 4]
   assert json.loads((folder / "done.json").read_text())["epochs"] == 4
-  # --overwrite starts again.
+  # One environment line per segment that ran, with where it started; the refused resumes
+  # (no --resume, another tau, fewer epochs) wrote none.
+  segments = run_folder.RunFolder(folder).read_environment()
+  assert [s["start"] for s in segments] == [{"epoch": 0, "batch": 0}, {"epoch": 1, "batch": 1},
+                                            {"epoch": 3, "batch": 0}]
+  assert segments[0]["versions"]["jax"] == jax.__version__
+  assert segments[0]["blas_threads"]["OPENBLAS_NUM_THREADS"] == os.environ.get(
+      "OPENBLAS_NUM_THREADS")
+  # --overwrite starts again, and so does the environment log.
   assert cifar10.main(part + ["--overwrite", "--epochs", "1"]) == {("implicit", 1): "done"}
   assert len(records(folder)) == 1
+  assert [s["start"] for s in run_folder.RunFolder(folder).read_environment()] == [
+      {"epoch": 0, "batch": 0}]

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from experiments import ufm
+from experiments import run_folder, ufm
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -197,6 +197,12 @@ def test_sigterm_checkpoints_and_stops_then_changed_settings_are_refused(tmp_pat
   assert again.returncode == 0, stderr
   assert f"resuming at iteration {steps[-1]}" in stdout
   assert _records(out) == _records(uninterrupted)
+  # One environment line per segment that ran (the refused one wrote none), each with the
+  # iteration it continued from and the command.
+  segments = run_folder.RunFolder(folder).read_environment()
+  assert [s["start"] for s in segments] == [{"iteration": 0}, {"iteration": steps[-1]}]
+  assert all(s["command"] == "python -m experiments.ufm " + " ".join(
+      RESUME_ARGV + ["--out", str(out)]) for s in segments)
 
 
 def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, uninterrupted):
