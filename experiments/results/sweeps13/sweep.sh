@@ -53,8 +53,10 @@ for seed in $seeds; do
       python -m experiments.ufm --preset "$name" --methods standard,fixed,implicit \
         --seeds "$seed" --quiet --no-plot --out "$out" ;;
     ufm1000)
-      # About 1.5-3 h per run on 2 cores (BUILD_NOTES §9): the paper's three methods only
-      # (forward-only matched the implicit ETF iteration for iteration at UFM-100).
+      # 2.5-4 h per standard or fixed run and 1.5 times that per implicit run on 2 cores
+      # (BUILD_NOTES §9): run it where runs/ survives between sessions (1.2 GB checkpoints)
+      # or on a GPU. The paper's three methods only (forward-only matched the implicit ETF
+      # iteration for iteration at UFM-100).
       python -m experiments.ufm --preset "$name" --methods standard,fixed,implicit \
         --seeds "$seed" --quiet --no-plot --out "$out" ;;
     *)
