@@ -509,8 +509,10 @@ def plot(cfg: UFMConfig, results: dict[str, list[dict]], path: pathlib.Path) -> 
       c = METHOD_VARIANTS[method].colour
       if key is None:
         curves = np.stack([np.sort(r["margins"]) for r in runs])
-        x = np.arange(curves.shape[1])
-        xlabel = "sample rank"
+        # Rank over 0..1 (as the image report's margin figure): raw ranks up to 10⁵ crowd the
+        # axis, and the fraction of samples below a margin is what one reads off.
+        x = np.linspace(0.0, 1.0, curves.shape[1])
+        xlabel = "normalised sample rank"
       else:
         x = np.array([rec["iteration"] for rec in runs[0]["history"]])
         curves = np.stack([[rec[key] for rec in r["history"]] for r in runs])
