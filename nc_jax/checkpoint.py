@@ -92,6 +92,7 @@ import re
 import shutil
 import signal
 import threading
+import time
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -112,6 +113,9 @@ SET_ASIDE = "set-aside"
 # Reserved key of the saved position JSON: {"step": s, "state_sha256": digest of the
 # arrays, "sha256": digest of the JSON without this last field}.
 RECORD_KEY = "checkpoint"
+# After a failed write, how long to wait in all for the threads that write started (their
+# arrays' writes fail or finish within moments; a hung file system must not hang the caller).
+WRITE_THREADS_TIMEOUT = 60.0
 # Files read by the cheap integrity check (names as Orbax writes them).
 _STEP_METADATA = "_CHECKPOINT_METADATA"
 _STATE_METADATA = os.path.join("state", "_METADATA")
@@ -323,6 +327,7 @@ class Checkpointer:
     self.restored_step: int | None = None
     self._saved = False                     # rotation only once this object has saved
     self._in_flight: int | None = None      # the step being written asynchronously
+    self._write_threads: list[threading.Thread] = []  # the threads that write started
     self._found_damaged: dict[int, str] = {}  # steps restore could not read, and why
     # Rotation is done here (rename, then delete), never by Orbax (in place).
     options = ocp.CheckpointManagerOptions(max_to_keep=None, create=not self.read_only,
@@ -395,13 +400,17 @@ class Checkpointer:
     self._finish_write()
     self._tidy(step)
     self._in_flight = step
+    before = set(threading.enumerate())
     try:
       self._manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(_fill_empty(state)),
           position=ocp.args.JsonSave(position)), force=True)
     except Exception as err:  # noqa: BLE001 -- any write failure: named, nothing lost
       self._in_flight = None
+      self._write_threads = [t for t in threading.enumerate() if t not in before]
       raise self._write_error(step, err) from err
+    # Orbax writes each array in a thread of its own, started inside save().
+    self._write_threads = [t for t in threading.enumerate() if t not in before]
     self._saved = True
 
   def _finish_write(self) -> None:
@@ -413,8 +422,26 @@ class Checkpointer:
       step, self._in_flight = self._in_flight, None
       raise self._write_error(step, err) from err
     self._in_flight = None
+    self._write_threads = []
+
+  def _quiesce(self) -> None:
+    """After a failed write: waits (at most ``WRITE_THREADS_TIMEOUT`` seconds in all)
+    for the threads that write started. Orbax stops waiting at the first array that
+    fails, while the other arrays' threads are still writing; each logs its own failure
+    with a traceback when it ends. Without this wait those tracebacks could follow the
+    caller's error message (a runner's last line, which says what to do), or come in the
+    middle of the next run's output."""
+    deadline = time.monotonic() + WRITE_THREADS_TIMEOUT
+    for thread in self._write_threads:
+      if thread is not threading.current_thread():
+        try:  # Orbax's threads re-raise their own failure from join(): the same full disk
+          thread.join(max(0.0, deadline - time.monotonic()))
+        except Exception:  # noqa: BLE001 -- the failure being reported already
+          pass
+    self._write_threads = []
 
   def _write_error(self, step: int | None, err: BaseException) -> CheckpointWriteError:
+    self._quiesce()
     cause = " ".join(str(err).split())
     if len(cause) > 400:  # the OS error ("No space left on device") is at the end
       cause = cause[:150] + " … " + cause[-250:]

@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import warnings
 
@@ -469,3 +470,66 @@ def test_readers_change_nothing(tmp_path):
       b.save(4, state(4), position(4))
   assert entries(directory) == before
 
+
+
+# --------------------------------------------------------------------------- #
+# A failed write's threads
+# --------------------------------------------------------------------------- #
+
+
+class _FailingWriter(threading.Thread):
+  """A writer thread that fails when it ends and, like Orbax's per-array threads,
+  re-raises the failure from join()."""
+
+  def __init__(self, work):
+    super().__init__(name="array_writer")
+    self._work = work
+
+  def run(self):
+    self._work()
+
+  def join(self, timeout=None):
+    super().join(timeout)
+    raise OSError(27, "File too large")
+
+
+class _SlowWriterManager:
+  """The real Orbax manager, except that save() also starts a writer thread that ends
+  0.5 s later (failing, as Orbax's per-array threads do on a full disk), and the write
+  fails: synchronously in save() or later, in wait_until_finished()."""
+
+  def __init__(self, real, fail_in_save):
+    self._real, self._fail_in_save, self.ended = real, fail_in_save, []
+
+  def __getattr__(self, name):
+    return getattr(self._real, name)
+
+  def save(self, step, **kwargs):
+    _FailingWriter(lambda: (time.sleep(0.5), self.ended.append(step))).start()
+    if self._fail_in_save:
+      raise OSError(28, "No space left on device")
+    return self._real.save(step, **kwargs)
+
+  def wait_until_finished(self):
+    self._real.wait_until_finished()
+    if not self._fail_in_save and self._real.latest_step() == 2:
+      raise ValueError("OUT_OF_RANGE: Error writing \"w/0.0\": File too large")
+
+
+@pytest.mark.parametrize("fail_in_save", [False, True], ids=["later", "in-save"])
+def test_a_failed_write_returns_only_after_its_threads_end(tmp_path, fail_in_save):
+  """Orbax stops waiting at the first array that fails while the other arrays' threads
+  still write, each logging its own traceback when it ends. The CheckpointWriteError
+  comes only after the threads that write started have ended, so a runner's error
+  message is the last thing it prints. Step 1 is intact and named."""
+  with Checkpointer(tmp_path / "ck") as ck:
+    ck.save(1, state(1), position(1))
+    ck.wait()
+    slow = ck._manager = _SlowWriterManager(ck._manager, fail_in_save)
+    with pytest.raises(checkpoint.CheckpointWriteError,
+                       match=r"checkpoint step 2 could not be written .*the newest complete "
+                             r"checkpoint, step 1, is intact"):
+      ck.save(2, state(2), position(2))
+      ck.wait()
+    assert slow.ended == [2]    # the writer thread had ended before the error was raised
+    ck._manager = slow._real
