@@ -401,16 +401,18 @@ class Checkpointer:
     self._tidy(step)
     self._in_flight = step
     before = set(threading.enumerate())
+    failure = None
     try:
       self._manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(_fill_empty(state)),
           position=ocp.args.JsonSave(position)), force=True)
     except Exception as err:  # noqa: BLE001 -- any write failure: named, nothing lost
-      self._in_flight = None
-      self._write_threads = [t for t in threading.enumerate() if t not in before]
-      raise self._write_error(step, err) from err
+      failure = err
     # Orbax writes each array in a thread of its own, started inside save().
     self._write_threads = [t for t in threading.enumerate() if t not in before]
+    if failure is not None:
+      self._in_flight = None
+      raise self._write_error(step, failure) from failure
     self._saved = True
 
   def _finish_write(self) -> None:
@@ -441,6 +443,8 @@ class Checkpointer:
     self._write_threads = []
 
   def _write_error(self, step: int | None, err: BaseException) -> CheckpointWriteError:
+    """The error for a failed write of ``step``, once the write's threads have ended
+    (:meth:`_quiesce`): the step, the cause and the newest intact checkpoint."""
     self._quiesce()
     cause = " ".join(str(err).split())
     if len(cause) > 400:  # the OS error ("No space left on device") is at the end

@@ -471,7 +471,6 @@ def test_readers_change_nothing(tmp_path):
   assert entries(directory) == before
 
 
-
 # --------------------------------------------------------------------------- #
 # A failed write's threads
 # --------------------------------------------------------------------------- #
