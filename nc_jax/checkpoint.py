@@ -116,6 +116,8 @@ RECORD_KEY = "checkpoint"
 # After a failed write, how long to wait in all for the threads that write started (their
 # arrays' writes fail or finish within moments; a hung file system must not hang the caller).
 WRITE_THREADS_TIMEOUT = 60.0
+# How TensorStore tags the OS error in its messages: "[os_error_code='27']" or "=27".
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
 # Files read by the cheap integrity check (names as Orbax writes them).
 _STEP_METADATA = "_CHECKPOINT_METADATA"
 _STATE_METADATA = os.path.join("state", "_METADATA")
@@ -447,8 +449,13 @@ class Checkpointer:
     (:meth:`_quiesce`): the step, the cause and the newest intact checkpoint."""
     self._quiesce()
     cause = " ".join(str(err).split())
-    if len(cause) > 400:  # the OS error ("No space left on device") is at the end
+    if len(cause) > 400:
       cause = cause[:150] + " … " + cause[-250:]
+    # TensorStore names the OS error in the middle of its text (a JSON spec of the array
+    # may follow it, and the shortening above may cut it out) and tags it with its code.
+    code = _OS_ERROR_CODE.search(str(err))
+    if code is not None and not isinstance(err, OSError):
+      cause = f"{os.strerror(int(code.group(1)))} [errno {code.group(1)}]: {cause}"
     newest = [s for s in _finished_steps(self.directory)
               if s != step and _inspect(self.directory, s)[2] is None]
     kept = (f"the newest complete checkpoint, step {newest[-1]}, is intact" if newest else

@@ -532,3 +532,31 @@ def test_a_failed_write_returns_only_after_its_threads_end(tmp_path, fail_in_sav
       ck.wait()
     assert slow.ended == [2]    # the writer thread had ended before the error was raised
     ck._manager = slow._real
+
+
+class _TensorStoreFailureManager(_SlowWriterManager):
+  """As Orbax reports a file-size limit: TensorStore's text names the OS error in the
+  middle, followed by a long JSON spec of the array, and tags it with its code."""
+
+  def wait_until_finished(self):
+    self._real.wait_until_finished()
+    if self._real.latest_step() == 2:
+      spec = "{" + ", ".join(f'"key{i}": {i}' for i in range(80)) + "}"
+      raise ValueError(f'OUT_OF_RANGE: Error opening "zarr" driver: Error writing "w/.zarray" '
+                       f"in OCDBT database: Failed to write 904717 bytes to file 11: File too "
+                       f"large [tensorstore_spec='{spec}'] [os_error_code='27']")
+
+
+def test_a_tensorstore_failure_names_the_os_error_however_long_its_message(tmp_path):
+  with Checkpointer(tmp_path / "ck") as ck:
+    ck.save(1, state(1), position(1))
+    ck.wait()
+    real = ck._manager
+    ck._manager = _TensorStoreFailureManager(real, fail_in_save=False)
+    with pytest.raises(checkpoint.CheckpointWriteError) as err:
+      ck.save(2, state(2), position(2))
+      ck.wait()
+    ck._manager = real
+  message = str(err.value)
+  assert "(ValueError: File too large [errno 27]: OUT_OF_RANGE: Error opening" in message
+  assert len(message) < 700 and "step 1, is intact" in message
