@@ -7,10 +7,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import os
 import pathlib
+import sys
 import types
 import typing
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 import jax
 
@@ -305,3 +307,39 @@ def select_devices(text: str) -> list:
   if max(values) >= len(devices) or len(set(values)) != len(values):
     raise ValueError(f"--devices: indices must be distinct and < {len(devices)}, got {text!r}")
   return [devices[i] for i in values]
+
+
+def exit_with_message(message: str, status: int, *, program: bool) -> NoReturn:
+  """Ends a command with ``message`` as the last line of its stderr, exit status ``status``.
+
+  With ``program=True`` (this process *is* the command, ``python -m experiments.<name>``)
+  the message stays the last line whatever else is still running. After a failed
+  checkpoint write, TensorStore operations of that write can still be in flight in native
+  threads that Python cannot join; as they end they print tracebacks of the same failure
+  (asyncio's "Event loop is closed", Orbax's logged ``ValueError``) at any moment,
+  interpreter shut-down included, and a user reading the end of the output would not see
+  what to do. So file descriptor 2 is pointed at ``/dev/null`` first (whatever anything,
+  Python or native code, prints from then on is dropped) and the message is written to a
+  duplicate of the original. What is dropped is a consequence of the error being reported:
+  its cause is in the message, and Orbax's own account of it was printed before.
+
+  With ``program=False`` (called in-process, e.g. by a test) the message is printed and
+  nothing else changes.
+
+  Raises:
+    SystemExit: always, with ``status``.
+  """
+  sys.stdout.flush()
+  sys.stderr.flush()
+  if not program:
+    print(message, file=sys.stderr, flush=True)
+    raise SystemExit(status)
+  original = os.dup(2)
+  null = os.open(os.devnull, os.O_WRONLY)
+  os.dup2(null, 2)
+  os.close(null)
+  data = (message + "\n").encode(sys.stderr.encoding or "utf-8", "backslashreplace")
+  while data:  # os.write may write part of it
+    data = data[os.write(original, data):]
+  os.close(original)
+  raise SystemExit(status)

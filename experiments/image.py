@@ -55,7 +55,8 @@ import numpy as np
 
 from experiments import progress as progress_lib
 from experiments import report, run_folder, tb_writer
-from experiments.cli import RunOptions, config_for, parse_args, select_devices
+from experiments.cli import (RunOptions, config_for, exit_with_message, parse_args,
+                             select_devices)
 from experiments.image_data import Data, load_data
 from nc_jax import config as config_lib
 from nc_jax import class_metrics, evaluate, loop, train
@@ -340,14 +341,15 @@ def main(experiment: str, argv: Sequence[str] | None = None) -> dict[tuple[str, 
   return outcomes
 
 
-def cli(experiment: str) -> None:
-  """Entry point of ``python -m experiments.<experiment>``: errors as messages, not tracebacks."""
+def cli(experiment: str, *, program: bool = False) -> None:
+  """Entry point of ``python -m experiments.<experiment>`` (which passes ``program=True``):
+  errors as messages, not tracebacks; the ``error:`` line is the last line of stderr
+  (:func:`experiments.cli.exit_with_message`), exit status 2."""
   try:
     outcomes = main(experiment, sys.argv[1:])
   except (DataNotFoundError, ValueError, TrainingFault, OSError) as err:
     # OSError: e.g. a full disk while writing records or a checkpoint
     # (nc_jax.checkpoint.CheckpointWriteError names the intact checkpoint to resume from).
-    print(f"error: {err}", file=sys.stderr)
-    raise SystemExit(2) from None
+    exit_with_message(f"error: {err}", 2, program=program)
   if "interrupted" in outcomes.values():  # a signal; --max-steps is a requested stop: 0
     raise SystemExit(130)

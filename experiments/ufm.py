@@ -57,7 +57,7 @@ import numpy as np
 import optax
 
 from experiments import report, run_folder
-from experiments.cli import parse_methods, parse_seeds
+from experiments.cli import exit_with_message, parse_methods, parse_seeds
 from nc_jax import checkpoint, heads, metrics, train
 from nc_jax.config import METHOD_VARIANTS
 from nc_jax.evaluate import nc_evaluate
@@ -584,18 +584,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[dict]]:
   return results
 
 
-def cli(argv: Sequence[str] | None = None) -> None:
-  """``python -m experiments.ufm``: an interrupted run or a bad folder is a message, not a
-  traceback (exit status 130 after SIGINT/SIGTERM, 2 otherwise)."""
+def cli(argv: Sequence[str] | None = None, *, program: bool = False) -> None:
+  """``python -m experiments.ufm`` (which passes ``program=True``): an interrupted run or a
+  bad folder is a message, not a traceback, and the last line of stderr
+  (:func:`experiments.cli.exit_with_message`); exit status 130 after SIGINT/SIGTERM, 2
+  otherwise."""
   try:
     main(argv)
   except Interrupted as err:
-    print(err, file=sys.stderr, flush=True)
-    sys.exit(130)
+    exit_with_message(str(err), 130, program=program)
   except (ValueError, train.TrainingFault, OSError) as err:
-    print(f"error: {err}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    exit_with_message(f"error: {err}", 2, program=program)
 
 
 if __name__ == "__main__":
-  cli(sys.argv[1:])
+  cli(sys.argv[1:], program=True)

@@ -46,7 +46,8 @@ def reference(tmp_path_factory):
 
 
 def run_child(out, argv=(), kill_after_final_checkpoint=False, disk_full_after_epoch=None):
-  """The sweep in a child process (the CLI, as a user runs it); optionally SIGKILLed right
+  """The sweep in a child process (``python -m experiments.cifar10``, as a user runs it: its
+  ``__main__`` block, after the hooks below are installed); optionally SIGKILLed right
   after the final checkpoint is written, before done.json, or with files limited to 64 KB
   (RLIMIT_FSIZE: writes fail with EFBIG, as on a full disk) once the checkpoint of epoch
   ``disk_full_after_epoch`` is written. (Kills inside a checkpoint write:
@@ -66,8 +67,8 @@ def run_child(out, argv=(), kill_after_final_checkpoint=False, disk_full_after_e
           signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead
           resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, resource.RLIM_INFINITY))
       checkpoint.Checkpointer.save = save
-      from experiments import image
-      image.cli("cifar10")
+      import runpy
+      runpy.run_module("experiments.cifar10", run_name="__main__")
       """)
   proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
                         text=True, timeout=300)
@@ -89,8 +90,8 @@ def test_kill_at_random_moments_then_resume_gives_identical_records(tmp_path):
   script = textwrap.dedent(f"""
       import sys
       sys.argv = ["cifar10"] + {SMOKE + ["--out", str(out), "--resume"]!r}
-      from experiments import image
-      image.cli("cifar10")
+      import runpy
+      runpy.run_module("experiments.cifar10", run_name="__main__")
       """)
   delays = []
   for _ in range(3):
@@ -123,6 +124,41 @@ def test_full_disk_is_a_clear_error_and_the_run_resumes_identically(tmp_path):
   folder, full = folder_of(tmp_path / "disk"), folder_of(tmp_path / "full")
   assert records(folder) == records(full)
   np.testing.assert_array_equal(np.load(folder / "margins.npy"), np.load(full / "margins.npy"))
+
+
+@pytest.mark.parametrize("program", [True, False])
+def test_the_error_line_stays_last_whatever_prints_after_it(program):
+  """:func:`experiments.cli.exit_with_message` as a program's exit: what was printed before
+  stays, the message is the last line, exit status as given, though a thread (as Orbax's and
+  TensorStore's after a failed write), native code and an atexit hook print after it. In-process
+  (``program=False``) nothing is dropped: the late noise follows the message, which shows the
+  noise does come after it."""
+  script = textwrap.dedent(f"""
+      import atexit, os, sys, threading, time
+      from experiments import cli
+      print("early: kept", file=sys.stderr, flush=True)
+      def late():
+        time.sleep(0.3)  # after the message: the interpreter waits for this thread at exit
+        print("Traceback (most recent call last):\\nValueError: late", file=sys.stderr,
+              flush=True)
+        os.write(2, b"native: late\\n")
+      threading.Thread(target=late).start()
+      atexit.register(lambda: print("atexit: late", file=sys.stderr, flush=True))
+      cli.exit_with_message("error: the disk is full; free space and resume", 3,
+                            program={program!r})
+      """)
+  proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 3, proc.stderr
+  lines = proc.stderr.strip().splitlines()
+  assert lines[0] == "early: kept"
+  message = "error: the disk is full; free space and resume"
+  if program:
+    assert lines == ["early: kept", message]
+  else:
+    assert lines[1] == message and set(lines[2:]) == {
+        "Traceback (most recent call last):", "ValueError: late", "native: late",
+        "atexit: late"}
 
 
 def test_kill_after_the_final_checkpoint_resumes_to_identical_results(tmp_path):
