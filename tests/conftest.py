@@ -1,13 +1,16 @@
 """Test session set-up.
 
-Runs before JAX initialises: 8 fake CPU devices for the sharding tests, one
-BLAS/Eigen thread per op (CI has 2 cores; oversubscribing them makes small
-LAPACK calls orders of magnitude slower), and float64 enabled so that
-finite-difference checks can run in double precision. Float32 tests pass
-float32 arrays explicitly.
+Runs before JAX initialises: 8 fake CPU devices for the sharding tests, a persistent
+compilation cache for the session (shared with child processes), one BLAS/Eigen thread
+per op (CI has 2 cores; oversubscribing them makes small LAPACK calls orders of magnitude
+slower), and float64 enabled so that finite-difference checks can run in double precision.
+Float32 tests pass float32 arrays explicitly.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -16,6 +19,18 @@ _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
   _flags += " --xla_force_host_platform_device_count=8"
 os.environ["XLA_FLAGS"] = _flags.strip()
+# One persistent compilation cache for the session (JAX's own, keyed on the program, the
+# compile options and the backend), inherited by the child processes the fault tests start.
+# Without it the same programs (the runner's smoke configuration, UFM's) are compiled again in
+# every child process and after every module's jax.clear_caches(): the fault tests spent most
+# of their time compiling (BUILD_NOTES §6). Every entry is cached (no minimum compile time).
+# A directory the caller exported is used as it is and kept.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _cache = tempfile.mkdtemp(prefix="nc_jax-tests-compilation-cache-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 
