@@ -315,8 +315,14 @@ def plugin_dir():
 @pytest.fixture(scope="module")
 def gpu_programs(plugin_dir):
   """Each program compiled once for the H100 (one child process): name -> ProgramResult."""
+  # The H100 program as a user's compile makes it: without the flags the test session adds
+  # to speed up its CPU compiles (tests/conftest.py).
+  environ = dict(os.environ)
+  added = environ.pop("NC_JAX_TEST_ADDED_XLA_FLAGS", "").split()
+  environ["XLA_FLAGS"] = " ".join(f for f in environ.get("XLA_FLAGS", "").split()
+                                  if f not in added)
   results, _ = gp.measure(STEP_PROGRAMS + SOLVER_PROGRAMS, plugin_dir=plugin_dir,
-                          log=lambda s: None)
+                          log=lambda s: None, environ=environ)
   for r in results:
     assert r.error is None, f"{r.name}: {r.error}"
   return {r.name: r for r in results}
