@@ -312,17 +312,36 @@ def plugin_dir():
   return path
 
 
-@pytest.fixture(scope="module")
-def gpu_programs(plugin_dir):
-  """Each program compiled once for the H100 (one child process): name -> ProgramResult."""
-  # The H100 program as a user's compile makes it: without the flags the test session adds
-  # to speed up its CPU compiles (tests/conftest.py).
-  environ = dict(os.environ)
+def users_environment(environ):
+  """``environ`` without the XLA flags the test session added for its CPU compiles
+  (tests/conftest.py names them in ``NC_JAX_TEST_ADDED_XLA_FLAGS``): the H100 program is
+  compiled as a user's compile makes it."""
+  environ = dict(environ)
   added = environ.pop("NC_JAX_TEST_ADDED_XLA_FLAGS", "").split()
   environ["XLA_FLAGS"] = " ".join(f for f in environ.get("XLA_FLAGS", "").split()
                                   if f not in added)
+  return environ
+
+
+def test_the_h100_compile_gets_the_callers_flags_without_the_sessions():
+  session = {"XLA_FLAGS": "--xla_dump_hlo_as_text --xla_backend_optimization_level=0",
+             "NC_JAX_TEST_ADDED_XLA_FLAGS": "--xla_backend_optimization_level=0", "A": "1"}
+  assert users_environment(session) == {"XLA_FLAGS": "--xla_dump_hlo_as_text", "A": "1"}
+  # A level the caller chose (nothing added by the session) is kept.
+  caller = {"XLA_FLAGS": "--xla_backend_optimization_level=1"}
+  assert users_environment(caller) == caller
+  # This session: the flag, if added, is in XLA_FLAGS and named for removal.
+  added = os.environ.get("NC_JAX_TEST_ADDED_XLA_FLAGS")
+  if os.environ.get("NC_JAX_TEST_FAST_CPU_COMPILE", "1") != "0" and added:
+    assert added in os.environ["XLA_FLAGS"]
+    assert added not in users_environment(os.environ)["XLA_FLAGS"]
+
+
+@pytest.fixture(scope="module")
+def gpu_programs(plugin_dir):
+  """Each program compiled once for the H100 (one child process): name -> ProgramResult."""
   results, _ = gp.measure(STEP_PROGRAMS + SOLVER_PROGRAMS, plugin_dir=plugin_dir,
-                          log=lambda s: None, environ=environ)
+                          log=lambda s: None, environ=users_environment(os.environ))
   for r in results:
     assert r.error is None, f"{r.name}: {r.error}"
   return {r.name: r for r in results}
