@@ -3,8 +3,9 @@
 Runs before JAX initialises: 8 fake CPU devices for the sharding tests, a persistent
 compilation cache for the session (shared with child processes), one BLAS/Eigen thread
 per op (CI has 2 cores; oversubscribing them makes small LAPACK calls orders of magnitude
-slower), XLA:CPU's LLVM back end at level 0 (compiling dominates the suite), and float64 enabled so that finite-difference checks can run in double precision.
-Float32 tests pass float32 arrays explicitly.
+slower), XLA:CPU's LLVM back end at level 0 (compiling dominates the suite), and float64
+enabled so that finite-difference checks can run in double precision. Float32 tests pass
+float32 arrays explicitly.
 """
 
 import atexit
@@ -15,7 +16,7 @@ import tempfile
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
-TEST_ONLY_XLA_FLAG = "--xla_backend_optimization_level=0"
+_LLVM_LEVEL_0 = "--xla_backend_optimization_level=0"
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
   _flags += " --xla_force_host_platform_device_count=8"
@@ -30,8 +31,8 @@ if "xla_force_host_platform_device_count" not in _flags:
 # NC_JAX_TEST_FAST_CPU_COMPILE=0 runs the suite at XLA's default level (3).
 if (os.environ.get("NC_JAX_TEST_FAST_CPU_COMPILE", "1") != "0"
     and "xla_backend_optimization_level" not in _flags):
-  _flags += " " + TEST_ONLY_XLA_FLAG
-  os.environ["NC_JAX_TEST_ADDED_XLA_FLAGS"] = TEST_ONLY_XLA_FLAG
+  _flags += " " + _LLVM_LEVEL_0
+  os.environ["NC_JAX_TEST_ADDED_XLA_FLAGS"] = _LLVM_LEVEL_0
 os.environ["XLA_FLAGS"] = _flags.strip()
 # One persistent compilation cache for the session (JAX's own, keyed on the program, the
 # compile options and the backend), inherited by the child processes the fault tests start.
